@@ -1,0 +1,1 @@
+//! splice-proxy: an HTTP CONNECT proxy whose tunnels are forwarded in the kernel.

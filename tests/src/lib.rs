@@ -1,0 +1,244 @@
+//! Harness for the end-to-end tests: start the real `splice-proxy` binary on
+//! loopback, talk to it, and clean up whatever happens.
+//!
+//! The binary is found through `SPLICE_PROXY_BIN`, or next to the test
+//! executable's target directory (`cargo xtask test` builds it first).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of the `splice-proxy` binary under test.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SPLICE_PROXY_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-exe>: the binary lives in target/<profile>/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("splice-proxy");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p proxy-user, same profile) or set SPLICE_PROXY_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; good enough on a test box).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// A running proxy. Killed (SIGKILL) on drop unless stopped first.
+pub struct Proxy {
+    child: Option<Child>,
+    /// The address the proxy listens on.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Flags every test proxy gets unless it overrides them: loopback upstreams
+/// on any port are allowed, since every peer in these tests is on loopback.
+pub const TEST_POLICY: &[&str] = &["--allow-dst", "127.0.0.0/8", "--allow-port", "1-65535"];
+
+impl Proxy {
+    /// Starts `splice-proxy run --listen 127.0.0.1:<free port> <args>` and
+    /// waits until it accepts connections.
+    pub fn start(args: &[&str]) -> Result<Proxy> {
+        let mut last_err = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            match Self::start_on(addr, args) {
+                Ok(p) => return Ok(p),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap())
+    }
+
+    /// Like [`Proxy::start`] with [`TEST_POLICY`] and the given mode.
+    pub fn start_mode(mode: &str, extra: &[&str]) -> Result<Proxy> {
+        let mut args: Vec<&str> = TEST_POLICY.to_vec();
+        args.extend_from_slice(&["--mode", mode, "--allow-anonymous"]);
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
+    fn start_on(addr: SocketAddr, args: &[&str]) -> Result<Proxy> {
+        let mut child = Command::new(binary())
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn splice-proxy")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("SPLICE_TEST_VERBOSE").is_some() {
+                        eprintln!("[proxy] {line}");
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!(
+                    "splice-proxy exited early with {status}:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(Proxy {
+                    child: Some(child),
+                    addr,
+                    log,
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("splice-proxy did not listen on {addr} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the proxy printed so far (stdout and stderr, by line).
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Number of open file descriptors of the proxy process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Sends `sig` and waits up to `timeout` for exit; returns the exit code.
+    pub fn signal_and_wait(&mut self, sig: i32, timeout: Duration) -> Result<Option<i32>> {
+        let mut child = self.child.take().context("already stopped")?;
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("splice-proxy did not exit within {timeout:?} after signal {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Opens a tunnel to `target` ("host:port") with optional Basic
+    /// credentials; returns the stream positioned after the 200 reply.
+    pub fn connect_tunnel(&self, target: &str, creds: Option<(&str, &str)>) -> Result<TcpStream> {
+        let mut s = TcpStream::connect(self.addr)?;
+        s.set_nodelay(true)?;
+        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some((u, p)) = creds {
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            req.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())?;
+        let head = read_response_head(&mut s)?;
+        if !head.starts_with("HTTP/1.1 200 ") {
+            bail!("tunnel to {target} refused: {head:?}");
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads an HTTP response head byte by byte (so no tunnel byte is consumed)
+/// and returns it, including the final CRLFCRLF.
+pub fn read_response_head(s: &mut TcpStream) -> Result<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            bail!(
+                "connection closed inside the response head: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+        head.push(b[0]);
+        if head.len() > 64 * 1024 {
+            bail!("response head too long");
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The data paths to run every mode-independent test against.
+///
+/// `SPLICE_TEST_MODES=copy,splice` overrides; otherwise every mode that
+/// `splice-proxy probe` reports as `<mode> ok`.
+pub fn modes() -> Vec<String> {
+    if let Ok(list) = std::env::var("SPLICE_TEST_MODES") {
+        return list
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    let out = Command::new(binary())
+        .arg("probe")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run splice-proxy probe");
+    assert!(out.status.success(), "splice-proxy probe failed: {out:?}");
+    let modes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(" ok").map(String::from))
+        .collect();
+    assert!(
+        modes.iter().any(|m| m == "copy") && modes.iter().any(|m| m == "splice"),
+        "probe must report copy and splice available: {modes:?}"
+    );
+    modes
+}
