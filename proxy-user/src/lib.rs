@@ -1,1 +1,16 @@
 //! splice-proxy: an HTTP CONNECT proxy whose tunnels are forwarded in the kernel.
+//!
+//! A connection's life reads top to bottom in [`server`]: accept → read
+//! request ([`request`]) → authenticate ([`auth`]) → authorize ([`policy`])
+//! → connect ([`upstream`]) → reply → hand off to a data path ([`tunnel`])
+//! → log ([`access_log`]).
+
+pub mod access_log;
+pub mod auth;
+pub mod config;
+pub mod ebpf;
+pub mod policy;
+pub mod request;
+pub mod server;
+pub mod tunnel;
+pub mod upstream;

@@ -1,1 +1,191 @@
-fn main() {}
+//! The `splice-proxy` command line: parse, validate, run. Nothing else.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use splice_proxy::auth::Authenticator;
+use splice_proxy::config::{Cli, Command, Config, LogFormat};
+use splice_proxy::server::{self, Proxy};
+use splice_proxy::tunnel;
+use splice_proxy::upstream::{Connector, SystemResolver};
+
+/// Exit status for any configuration error.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line that names the flag; clap's extra lines are usage hints.
+            let text = e.render().to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Probe => {
+            for line in tunnel::probe_report() {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => match args.validate() {
+            Err(e) => config_error(e),
+            Ok(cfg) => run(cfg),
+        },
+    }
+}
+
+fn config_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Raises the open-file limit to its hard maximum: every tunnel holds two
+/// sockets (and, in splice mode, two pipes).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
+    // Everything that can be wrong with the configuration is checked before
+    // the runtime starts, so it exits 2 with one line.
+    let auth = match Authenticator::new(
+        &cfg.credentials,
+        cfg.htpasswd.as_deref(),
+        cfg.allow_anonymous,
+    ) {
+        Ok(a) => Arc::new(a),
+        Err(e) => return config_error(format_args!("--htpasswd: {e}")),
+    };
+    let selection = match tunnel::select(cfg.mode) {
+        Ok(s) => s,
+        Err(reason) => {
+            let mode = clap::ValueEnum::to_possible_value(&cfg.mode).expect("not skipped");
+            return config_error(format_args!("--mode {}: {reason}", mode.get_name()));
+        }
+    };
+    init_logging(cfg.log_format);
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cfg, auth, selection)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Binding a listener is the usual failure: the message names --listen.
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn serve(
+    cfg: Config,
+    auth: Arc<Authenticator>,
+    selection: tunnel::Selection,
+) -> anyhow::Result<()> {
+    let listeners = server::bind(&cfg.listen).await?;
+    if let Some(why) = &selection.fallback_warning {
+        tracing::warn!("{why}");
+    }
+    let connector = Connector {
+        resolver: Arc::new(SystemResolver),
+        timeout: cfg.connect_timeout,
+    };
+    let proxy = Arc::new(Proxy::new(&cfg, auth.clone(), connector, selection.mode));
+    let stop = CancellationToken::new();
+    spawn_signal_handlers(auth, stop.clone()).context("installing signal handlers")?;
+    tracing::info!(
+        listen = ?cfg.listen,
+        mode = %selection.mode,
+        users = auth_summary(&cfg),
+        "splice-proxy ready"
+    );
+    server::serve(proxy, listeners, stop, cfg.shutdown_grace).await;
+    tracing::info!("splice-proxy stopped");
+    Ok(())
+}
+
+fn auth_summary(cfg: &Config) -> String {
+    let mut parts = Vec::new();
+    if !cfg.credentials.is_empty() {
+        parts.push(format!("{} static", cfg.credentials.len()));
+    }
+    if let Some(p) = &cfg.htpasswd {
+        parts.push(format!("htpasswd {}", p.display()));
+    }
+    if cfg.allow_anonymous {
+        parts.push("anonymous allowed".into());
+    }
+    parts.join(", ")
+}
+
+/// SIGTERM/SIGINT start the drain; SIGHUP reloads the htpasswd file.
+fn spawn_signal_handlers(auth: Arc<Authenticator>, stop: CancellationToken) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: no longer accepting, draining"),
+            _ = int.recv() => tracing::info!("SIGINT: no longer accepting, draining"),
+        }
+        stop.cancel();
+    });
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(Some(n)) => tracing::info!(users = n, "SIGHUP: htpasswd reloaded"),
+                Ok(None) => tracing::info!("SIGHUP: no --htpasswd file to reload"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: htpasswd not reloaded, keeping the previous one")
+                }
+            }
+        }
+    });
+    Ok(())
+}

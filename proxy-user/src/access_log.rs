@@ -1,0 +1,82 @@
+//! One structured access-log event per connection, emitted when it ends.
+//! Credentials never reach it: only the user name.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::tunnel::{Mode, Outcome};
+
+/// What is known about a connection so far.
+#[derive(Debug)]
+pub struct Record {
+    start: Instant,
+    pub client: SocketAddr,
+    pub mode: Mode,
+    pub user: Option<String>,
+    pub target: Option<String>,
+    pub resolved: Option<SocketAddr>,
+    /// The status written on the wire; `None` when the connection closed silently.
+    pub status: Option<u16>,
+    /// Bytes that came with the request head and were forwarded before the tunnel.
+    pub early_bytes: u64,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+}
+
+impl Record {
+    pub fn new(client: SocketAddr, mode: Mode) -> Record {
+        Record {
+            start: Instant::now(),
+            client,
+            mode,
+            user: None,
+            target: None,
+            resolved: None,
+            status: None,
+            early_bytes: 0,
+            outcome: None,
+            error: None,
+        }
+    }
+
+    pub fn finish(&mut self, outcome: Outcome) {
+        if let Some(e) = &outcome.error {
+            self.error = Some(e.clone());
+        }
+        self.outcome = Some(outcome);
+    }
+
+    /// Bytes client → upstream and upstream → client.
+    pub fn bytes(&self) -> (u64, u64) {
+        let (up, down) = self
+            .outcome
+            .as_ref()
+            .map(|o| (o.bytes_up, o.bytes_down))
+            .unwrap_or_default();
+        (up + self.early_bytes, down)
+    }
+
+    pub fn emit(&self) {
+        let (bytes_up, bytes_down) = self.bytes();
+        let end = match (&self.outcome, self.status) {
+            (Some(o), _) => o.end.to_string(),
+            (None, Some(_)) => "refused".to_string(),
+            (None, None) => "dropped".to_string(),
+        };
+        tracing::info!(
+            target: "access",
+            client = %self.client,
+            user = self.user.as_deref().unwrap_or("-"),
+            target = self.target.as_deref().unwrap_or("-"),
+            resolved = %self.resolved.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            status = self.status.unwrap_or(0),
+            bytes_up,
+            bytes_down,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            mode = %self.mode,
+            end = %end,
+            error = self.error.as_deref().unwrap_or("-"),
+            "tunnel"
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! Command line (and environment) → one validated [`Config`].
+//!
+//! Every value is checked by a clap value parser, so an error names the flag
+//! it came from. Checks that involve several flags live in [`RunArgs::validate`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::policy::{DstPattern, PortSet};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "splice-proxy",
+    version,
+    about = "HTTP CONNECT proxy whose tunnels are forwarded in the kernel"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Run(Box<RunArgs>),
+    /// Report which data paths work on this machine, one per line:
+    /// `<mode> ok` or `<mode> unavailable: <reason>`.
+    Probe,
+}
+
+/// The data path that forwards tunnel bytes once the handshake is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// sockmap if it loads and is sound here, else splice, else copy.
+    Auto,
+    /// eBPF sk_skb redirect: bytes never reach userspace.
+    Sockmap,
+    /// splice(2) through a pipe per direction.
+    Splice,
+    /// tokio copy through userspace buffers.
+    Copy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address to listen on (repeatable). Default 127.0.0.1:3128.
+    #[arg(long = "listen", value_name = "ADDR:PORT", env = "SPLICE_PROXY_LISTEN", value_parser = parse_listen)]
+    pub listen: Vec<SocketAddr>,
+
+    /// A user allowed to tunnel (repeatable). PASS may contain ':'.
+    #[arg(long = "credentials", value_name = "USER:PASS", env = "SPLICE_PROXY_CREDENTIALS",
+          value_parser = parse_credentials, hide_env_values = true)]
+    pub credentials: Vec<(String, String)>,
+
+    /// htpasswd file (bcrypt, SHA1, apr1); reloaded on SIGHUP.
+    #[arg(long = "htpasswd", value_name = "FILE")]
+    pub htpasswd: Option<PathBuf>,
+
+    /// Accept tunnels without credentials. Required for a non-loopback
+    /// listener without --credentials or --htpasswd.
+    #[arg(long = "allow-anonymous")]
+    pub allow_anonymous: bool,
+
+    /// Allowed destination (repeatable): host, *.suffix, IP or CIDR.
+    /// Default: any host, except loopback, link-local and unspecified
+    /// addresses unless listed.
+    #[arg(long = "allow-dst", value_name = "PATTERN", value_parser = parse_dst)]
+    pub allow_dst: Vec<DstPattern>,
+
+    /// Allowed destination ports: 443 | 443,6443 | 1-65535 (repeatable). Default 443.
+    #[arg(long = "allow-port", value_name = "SPEC", value_parser = parse_ports)]
+    pub allow_port: Vec<PortSet>,
+
+    /// Data path for established tunnels.
+    #[arg(long = "mode", value_enum, default_value = "auto")]
+    pub mode: ModeArg,
+
+    /// Most tunnels open at once; more get 503.
+    #[arg(long = "max-tunnels", value_name = "N", default_value = "10000", value_parser = parse_positive)]
+    pub max_tunnels: usize,
+
+    /// Time allowed for the whole request head (then 408).
+    #[arg(long = "header-timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_nonzero)]
+    pub header_timeout: Duration,
+
+    /// Time allowed to connect upstream (then 504).
+    #[arg(long = "connect-timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_nonzero)]
+    pub connect_timeout: Duration,
+
+    /// Close a tunnel that moved no byte for this long; 0 = never.
+    #[arg(long = "idle-timeout", value_name = "DURATION", default_value = "0", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long open tunnels may finish before they are closed.
+    #[arg(long = "shutdown-grace", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format on stderr.
+    #[arg(long = "log-format", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration of `splice-proxy run`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub credentials: Vec<(String, String)>,
+    pub htpasswd: Option<PathBuf>,
+    pub allow_anonymous: bool,
+    pub allow_dst: Vec<DstPattern>,
+    pub allow_port: PortSet,
+    pub mode: ModeArg,
+    pub max_tunnels: usize,
+    pub header_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// A configuration error: a one-line message that names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+
+impl RunArgs {
+    /// Checks that span several flags and produces the [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen = if self.listen.is_empty() {
+            vec![DEFAULT_LISTEN.parse().expect("valid default")]
+        } else {
+            self.listen
+        };
+        let has_credentials = !self.credentials.is_empty() || self.htpasswd.is_some();
+        if !has_credentials && !self.allow_anonymous {
+            if let Some(public) = listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError(format!(
+                    "--listen {public}: a non-loopback listener needs --credentials or --htpasswd (or --allow-anonymous to run an open proxy)"
+                )));
+            }
+        }
+        if let Some(path) = &self.htpasswd {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(ConfigError(format!("--htpasswd {}: {e}", path.display())));
+            }
+        }
+        let allow_port = if self.allow_port.is_empty() {
+            PortSet::single(443)
+        } else {
+            PortSet::union(self.allow_port)
+        };
+        Ok(Config {
+            listen,
+            credentials: self.credentials,
+            htpasswd: self.htpasswd,
+            allow_anonymous: self.allow_anonymous,
+            allow_dst: self.allow_dst,
+            allow_port,
+            mode: self.mode,
+            max_tunnels: self.max_tunnels,
+            header_timeout: self.header_timeout,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            shutdown_grace: self.shutdown_grace,
+            log_format: self.log_format,
+        })
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| "expected IP:PORT, e.g. 127.0.0.1:3128 or [::]:3128".to_string())
+}
+
+fn parse_credentials(s: &str) -> Result<(String, String), String> {
+    let (user, pass) = s
+        .split_once(':')
+        .ok_or_else(|| "expected USER:PASS".to_string())?;
+    if user.is_empty() {
+        return Err("the user name is empty".into());
+    }
+    if pass.is_empty() {
+        return Err("the password is empty".into());
+    }
+    Ok((user.to_string(), pass.to_string()))
+}
+
+fn parse_dst(s: &str) -> Result<DstPattern, String> {
+    DstPattern::parse(s)
+}
+
+fn parse_ports(s: &str) -> Result<PortSet, String> {
+    PortSet::parse(s)
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number".into()),
+    }
+}
+
+/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 10s, 2m: {s:?}"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("unknown unit {unit:?}: use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+fn parse_duration_nonzero(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["splice-proxy", "run"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(a) => a.validate().map_err(|e| e.0),
+            Command::Probe => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration_nonzero("0s").is_err());
+    }
+
+    #[test]
+    fn credentials_split_on_first_colon() {
+        assert_eq!(
+            parse_credentials("u:p:a:ss").unwrap(),
+            ("u".into(), "p:a:ss".into())
+        );
+        assert!(parse_credentials("nocolon").is_err());
+        assert!(parse_credentials(":pass").is_err());
+        assert!(parse_credentials("user:").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run_args(&[]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:3128".parse().unwrap()]);
+        assert!(c.allow_port.contains(443) && !c.allow_port.contains(80));
+        assert_eq!(c.mode, ModeArg::Auto);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, None);
+    }
+
+    #[test]
+    fn public_listener_needs_credentials() {
+        let e = run_args(&["--listen", "0.0.0.0:3128"]).unwrap_err();
+        assert!(e.contains("--listen"), "{e}");
+        assert!(run_args(&["--listen", "0.0.0.0:3128", "--allow-anonymous"]).is_ok());
+        assert!(run_args(&["--listen", "0.0.0.0:3128", "--credentials", "a:b"]).is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (args, flag) in [
+            (&["--allow-port", "0"][..], "--allow-port"),
+            (&["--mode", "bogus"][..], "--mode"),
+            (&["--listen", "nowhere"][..], "--listen"),
+            (&["--header-timeout", "0"][..], "--header-timeout"),
+            (&["--max-tunnels", "0"][..], "--max-tunnels"),
+            (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
+            (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
+        ] {
+            let e = run_args(args).unwrap_err();
+            assert!(e.lines().next().unwrap().contains(flag), "{args:?}: {e}");
+        }
+    }
+}

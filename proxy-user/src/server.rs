@@ -1,0 +1,350 @@
+//! Listeners, the accept loop, and the life of one connection:
+//! accept → read request → authenticate → authorize → connect → reply →
+//! hand off to the data path → log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::Record;
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::request::{self, RequestError, Status};
+use crate::tunnel::{self, Mode};
+use crate::upstream::Connector;
+
+/// Everything a connection needs, shared by all of them.
+pub struct Proxy {
+    pub auth: Arc<Authenticator>,
+    pub policy: Policy,
+    pub connector: Connector,
+    pub mode: Mode,
+    pub header_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    tunnels: Arc<Semaphore>,
+    /// Cancelled when the shutdown grace has run out: open tunnels close.
+    close_tunnels: CancellationToken,
+}
+
+/// A handshake that succeeded: the upstream socket and what it holds on to.
+struct Established {
+    upstream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A handshake that failed: the status to answer with, or `None` to close
+/// silently (the client went away or sent nothing).
+type Refusal = Option<Status>;
+
+impl Proxy {
+    pub fn new(cfg: &Config, auth: Arc<Authenticator>, connector: Connector, mode: Mode) -> Proxy {
+        Proxy {
+            auth,
+            policy: Policy::new(cfg.allow_dst.clone(), cfg.allow_port.clone()),
+            connector,
+            mode,
+            header_timeout: cfg.header_timeout,
+            idle_timeout: cfg.idle_timeout,
+            tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
+            close_tunnels: CancellationToken::new(),
+        }
+    }
+
+    /// Serves one accepted connection to its end.
+    async fn serve_connection(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let mut record = Record::new(peer, self.mode);
+        let _ = client.set_nodelay(true);
+        match self.handshake(&mut client, &mut record).await {
+            Ok(est) => {
+                let outcome = tunnel::forward(
+                    self.mode,
+                    client,
+                    est.upstream,
+                    self.idle_timeout,
+                    self.close_tunnels.clone(),
+                )
+                .await;
+                record.finish(outcome);
+            }
+            Err(refusal) => {
+                if let Some(status) = refusal {
+                    record.status = Some(status.code());
+                    refuse(client, status).await;
+                }
+            }
+        }
+        record.emit();
+    }
+
+    async fn handshake(
+        &self,
+        client: &mut TcpStream,
+        record: &mut Record,
+    ) -> Result<Established, Refusal> {
+        // Read the request head, within the header timeout.
+        let read = tokio::time::timeout(self.header_timeout, request::read_request(client)).await;
+        let (req, early_bytes) = match read {
+            Err(_) => {
+                record.error = Some("header timeout".into());
+                return Err(Some(Status::RequestTimeout));
+            }
+            Ok(Err(RequestError::Closed)) => {
+                record.error = Some("closed before a complete head".into());
+                return Err(None);
+            }
+            Ok(Err(e)) => {
+                record.error = Some(e.to_string());
+                return Err(Some(Status::from(&e)));
+            }
+            Ok(Ok(r)) => r,
+        };
+        record.target = Some(req.target.to_string());
+
+        // Authenticate.
+        let user = self
+            .authenticate(req.proxy_authorization)
+            .await
+            .map_err(|e| {
+                if let AuthError::Wrong(u) = &e {
+                    record.user = Some(u.clone());
+                }
+                record.error = Some(e.to_string());
+                Some(Status::ProxyAuthRequired)
+            })?;
+        record.user = user;
+
+        // Authorize the destination name and port.
+        self.policy.check_target(&req.target).map_err(|e| {
+            record.error = Some(e.to_string());
+            Some(Status::Forbidden)
+        })?;
+
+        // Take a tunnel slot.
+        let permit = self.tunnels.clone().try_acquire_owned().map_err(|_| {
+            record.error = Some("at --max-tunnels".into());
+            Some(Status::Unavailable)
+        })?;
+
+        // Connect upstream (every resolved address is checked by the policy).
+        let (mut upstream, resolved) = self
+            .connector
+            .connect(&req.target, &self.policy)
+            .await
+            .map_err(|e| {
+                record.error = Some(e.to_string());
+                Some(e.status())
+            })?;
+        record.resolved = Some(resolved);
+        let _ = upstream.set_nodelay(true);
+
+        // Bytes the client sent right after its head go first, in order.
+        if !early_bytes.is_empty() {
+            upstream.write_all(&early_bytes).await.map_err(|e| {
+                record.error = Some(format!("writing early bytes upstream: {e}"));
+                Some(Status::BadGateway)
+            })?;
+            record.early_bytes = early_bytes.len() as u64;
+        }
+
+        // Reply.
+        client
+            .write_all(&Status::Established.response())
+            .await
+            .map_err(|e| {
+                record.error = Some(format!("writing the 200: {e}"));
+                None
+            })?;
+        record.status = Some(200);
+        Ok(Established {
+            upstream,
+            _permit: permit,
+        })
+    }
+
+    async fn authenticate(&self, header: Option<Vec<u8>>) -> Result<Identity, AuthError> {
+        if self.auth.needs_blocking() {
+            let auth = self.auth.clone();
+            tokio::task::spawn_blocking(move || auth.authenticate(header.as_deref()))
+                .await
+                .unwrap_or(Err(AuthError::Malformed))
+        } else {
+            self.auth.authenticate(header.as_deref())
+        }
+    }
+}
+
+/// Answers a refused request and closes. The client may still be sending
+/// (an oversize head, say): read and drop a little of it so the close does
+/// not turn into a reset that destroys the response before it is read.
+async fn refuse(mut client: TcpStream, status: Status) {
+    if client.write_all(&status.response()).await.is_err() {
+        return;
+    }
+    let _ = client.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 16 * 1024];
+        let mut total = 0usize;
+        while let Ok(n) = client.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 1024 * 1024 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+/// Binds every listen address; an error names the address.
+pub async fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(*addr)
+            .map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
+        out.push(sock.listen(1024)?);
+    }
+    Ok(out)
+}
+
+/// Accepts on every listener until `stop` fires, then lets open tunnels
+/// finish for up to `grace` before closing them.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listeners: Vec<TcpListener>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let tracker = TaskTracker::new();
+    let accept_loops = TaskTracker::new();
+    for listener in listeners {
+        let (proxy, tracker, stop) = (proxy.clone(), tracker.clone(), stop.clone());
+        accept_loops.spawn(async move {
+            accept_loop(listener, proxy, tracker, stop).await;
+        });
+    }
+    accept_loops.close();
+    accept_loops.wait().await;
+    // Listeners are closed now: new clients are refused by the kernel.
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        tracing::info!(
+            open,
+            grace_s = grace.as_secs_f64(),
+            "draining open connections"
+        );
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "shutdown grace over: closing the remaining tunnels"
+        );
+        proxy.close_tunnels.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((conn, peer)) => {
+                backoff = Duration::from_millis(5);
+                tracker.spawn(proxy.clone().serve_connection(conn, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: wait and retry rather than spin.
+                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::testing::StaticResolver;
+    use std::collections::HashMap;
+
+    async fn start(resolver: StaticResolver) -> (SocketAddr, CancellationToken) {
+        let cli = <crate::config::Cli as clap::Parser>::parse_from([
+            "splice-proxy",
+            "run",
+            "--allow-anonymous",
+            "--allow-port",
+            "1-65535",
+        ]);
+        let crate::config::Command::Run(args) = cli.command else {
+            unreachable!()
+        };
+        let cfg = args.validate().unwrap();
+        let auth = Arc::new(Authenticator::new(&[], None, true).unwrap());
+        let connector = Connector {
+            resolver: Arc::new(resolver),
+            timeout: Duration::from_secs(2),
+        };
+        let proxy = Arc::new(Proxy::new(&cfg, auth, connector, Mode::Copy));
+        let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).await.unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(
+            proxy,
+            listeners,
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+        (addr, stop)
+    }
+
+    async fn status_for(addr: SocketAddr, target: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn dns_failure_on_the_wire_is_502() {
+        let (addr, stop) = start(StaticResolver(HashMap::new())).await;
+        let line = status_for(addr, "unknown.test:443").await;
+        assert!(line.starts_with("HTTP/1.1 502 "), "{line}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn name_resolving_to_loopback_is_403_on_the_wire() {
+        let table = HashMap::from([(
+            "rebind.test".to_string(),
+            vec!["127.0.0.1".parse().unwrap()],
+        )]);
+        let (addr, stop) = start(StaticResolver(table)).await;
+        let line = status_for(addr, "rebind.test:443").await;
+        assert!(line.starts_with("HTTP/1.1 403 "), "{line}");
+        stop.cancel();
+    }
+}

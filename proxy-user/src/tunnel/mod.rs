@@ -1,0 +1,277 @@
+//! The data paths behind one interface.
+//!
+//! Once the handshake is done, [`forward`] moves bytes between the client
+//! and the upstream socket with the chosen [`Mode`] until both directions
+//! have ended (half-close honoured: EOF one way becomes `shutdown(SHUT_WR)`
+//! on the other), either side resets (the other is reset too), the tunnel
+//! sits idle too long, or the proxy shuts down.
+
+mod copy;
+mod splice;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ModeArg;
+
+/// A data path that forwards an established tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Sockmap,
+    Splice,
+    Copy,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Sockmap => "sockmap",
+            Mode::Splice => "splice",
+            Mode::Copy => "copy",
+        })
+    }
+}
+
+/// The data path chosen at start-up, and the warning to log once when
+/// `auto` had to fall back.
+#[derive(Debug)]
+pub struct Selection {
+    pub mode: Mode,
+    pub fallback_warning: Option<String>,
+}
+
+/// Why the sockmap path cannot be used by this build.
+pub const SOCKMAP_UNAVAILABLE: &str =
+    "the sockmap data path is not implemented in this version of splice-proxy";
+
+/// Chooses the data path for `--mode`; an error is the reason an explicitly
+/// requested mode cannot work here.
+pub fn select(requested: ModeArg) -> Result<Selection, String> {
+    match requested {
+        ModeArg::Copy => Ok(Selection {
+            mode: Mode::Copy,
+            fallback_warning: None,
+        }),
+        ModeArg::Splice => splice::probe()
+            .map(|()| Selection {
+                mode: Mode::Splice,
+                fallback_warning: None,
+            })
+            .map_err(|e| format!("splice(2) does not work here: {e}")),
+        ModeArg::Sockmap => Err(SOCKMAP_UNAVAILABLE.to_string()),
+        ModeArg::Auto => Ok(match splice::probe() {
+            Ok(()) => Selection {
+                mode: Mode::Splice,
+                fallback_warning: Some(format!("using splice: {SOCKMAP_UNAVAILABLE}")),
+            },
+            Err(e) => Selection {
+                mode: Mode::Copy,
+                fallback_warning: Some(format!(
+                    "using copy: {SOCKMAP_UNAVAILABLE}, and splice(2) failed its check: {e}"
+                )),
+            },
+        }),
+    }
+}
+
+/// `splice-proxy probe`: one line per data path.
+pub fn probe_report() -> Vec<String> {
+    let mut lines = vec!["copy ok".to_string()];
+    lines.push(match splice::probe() {
+        Ok(()) => "splice ok".into(),
+        Err(e) => format!("splice unavailable: {e}"),
+    });
+    lines.push(match crate::ebpf::load() {
+        Ok(_) => format!("sockmap unavailable: the eBPF program loads, but {SOCKMAP_UNAVAILABLE}"),
+        Err(e) => format!("sockmap unavailable: {e}"),
+    });
+    lines
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with a FIN.
+    Closed,
+    ClientReset,
+    UpstreamReset,
+    Idle,
+    Shutdown,
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            End::Closed => "closed",
+            End::ClientReset => "client_reset",
+            End::UpstreamReset => "upstream_reset",
+            End::Idle => "idle_timeout",
+            End::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// What a finished tunnel reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes client → upstream (not counting the bytes sent with the head).
+    pub bytes_up: u64,
+    /// Bytes upstream → client.
+    pub bytes_down: u64,
+    pub end: End,
+    /// The socket error behind a reset, for the log.
+    pub error: Option<String>,
+}
+
+/// Byte counts and the time of the last byte, shared by both directions.
+pub(crate) struct Progress {
+    start: Instant,
+    last_ms: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, dir: Dir, n: usize) {
+        let counter = match dir {
+            Dir::Up => &self.up,
+            Dir::Down => &self.down,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let quiet = self.start.elapsed().saturating_sub(last);
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    }
+}
+
+/// A direction of a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// client → upstream
+    Up,
+    /// upstream → client
+    Down,
+}
+
+/// Where a direction failed: reading its source or writing its destination.
+#[derive(Debug)]
+pub(crate) enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Shuts the write side of `dst` after its source sent EOF.
+pub(crate) fn shutdown_write(dst: &TcpStream) -> Result<(), PumpError> {
+    socket2::SockRef::from(dst)
+        .shutdown(Shutdown::Write)
+        .map_err(PumpError::Write)
+}
+
+/// Forwards `client` ⇄ `upstream` with `mode` until the tunnel ends.
+pub async fn forward(
+    mode: Mode,
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Option<Duration>,
+    cancel: CancellationToken,
+) -> Outcome {
+    let progress = Progress::new();
+    let (end, error) = match mode {
+        Mode::Copy => {
+            drive(
+                copy::pump(&client, &upstream, Dir::Up, &progress),
+                copy::pump(&upstream, &client, Dir::Down, &progress),
+                &progress,
+                idle,
+                &cancel,
+            )
+            .await
+        }
+        Mode::Splice => {
+            drive(
+                splice::pump(&client, &upstream, Dir::Up, &progress),
+                splice::pump(&upstream, &client, Dir::Down, &progress),
+                &progress,
+                idle,
+                &cancel,
+            )
+            .await
+        }
+        Mode::Sockmap => unreachable!("select() never chooses sockmap in this version"),
+    };
+    if matches!(end, End::ClientReset | End::UpstreamReset) {
+        // Closing with SO_LINGER 0 sends RST: the reset reaches the other side.
+        for s in [&client, &upstream] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+    }
+    Outcome {
+        bytes_up: progress.up.load(Ordering::Relaxed),
+        bytes_down: progress.down.load(Ordering::Relaxed),
+        end,
+        error,
+    }
+}
+
+/// Runs both directions until both are done or something ends the tunnel.
+async fn drive(
+    up: impl Future<Output = Result<(), PumpError>>,
+    down: impl Future<Output = Result<(), PumpError>>,
+    progress: &Progress,
+    idle: Option<Duration>,
+    cancel: &CancellationToken,
+) -> (End, Option<String>) {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let idle_timer = async {
+        match idle {
+            Some(d) => progress.idle_for(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle_timer);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(PumpError::Read(e)) => return (End::ClientReset, Some(format!("client: {e}"))),
+                Err(PumpError::Write(e)) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(PumpError::Read(e)) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
+                Err(PumpError::Write(e)) => return (End::ClientReset, Some(format!("client: {e}"))),
+            },
+            () = &mut idle_timer => return (End::Idle, None),
+            () = cancel.cancelled() => return (End::Shutdown, None),
+        }
+    }
+    (End::Closed, None)
+}
