@@ -115,6 +115,8 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub credentials: Vec<(String, String)>,
     pub htpasswd: Option<PathBuf>,
+    /// Tunnels without credentials are accepted: `--allow-anonymous`, or no
+    /// credentials configured at all (allowed on loopback listeners only).
     pub allow_anonymous: bool,
     pub allow_dst: Vec<DstPattern>,
     pub allow_port: PortSet,
@@ -164,7 +166,7 @@ impl RunArgs {
             listen,
             credentials: self.credentials,
             htpasswd: self.htpasswd,
-            allow_anonymous: self.allow_anonymous,
+            allow_anonymous: self.allow_anonymous || !has_credentials,
             allow_dst: self.allow_dst,
             allow_port,
             mode: self.mode,
@@ -282,6 +284,9 @@ mod tests {
         assert_eq!(c.mode, ModeArg::Auto);
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, None);
+        // Loopback without credentials: an open proxy for this host only.
+        assert!(c.allow_anonymous);
+        assert!(!run_args(&["--credentials", "u:p"]).unwrap().allow_anonymous);
     }
 
     #[test]
