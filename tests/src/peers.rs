@@ -44,7 +44,8 @@ pub fn require_tools(tools: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A directory under the system temp dir, removed (recursively) on drop.
+/// A directory under `SPLICE_TEST_TMPDIR` (e.g. /dev/shm, to keep the disk
+/// out of throughput figures) or the system temp dir, removed on drop.
 pub struct TempDir {
     path: PathBuf,
 }
@@ -56,7 +57,10 @@ impl TempDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
+        let base = std::env::var_os("SPLICE_TEST_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!(
             "splice-peers-{tag}-{}-{}-{nanos:x}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
@@ -365,12 +369,13 @@ pub fn stunnel_server(dir: &Path, cert: &Cert, backend: SocketAddr) -> Result<Da
 
 /// Starts a stunnel client that accepts plain TCP on 127.0.0.1:<free> and
 /// reaches the TLS server `target` through the CONNECT proxy at `proxy`
-/// (`protocol = connect`, Basic credentials if given). It verifies the
-/// server's certificate against `ca` and its IP.
+/// (`protocol = connect`, Basic credentials if given), or directly when
+/// `proxy` is `None`. It verifies the server's certificate against `ca` and
+/// its IP.
 pub fn stunnel_client(
     dir: &Path,
     name: &str,
-    proxy: SocketAddr,
+    proxy: Option<SocketAddr>,
     target: SocketAddr,
     creds: Option<(&str, &str)>,
     ca: &Path,
@@ -378,11 +383,14 @@ pub fn stunnel_client(
     let addr = free_addr();
     let conf = dir.join(format!("{name}.conf"));
     let mut text = STUNNEL_GLOBAL.to_string();
-    writeln!(
-        text,
-        "[via-proxy]\nclient = yes\naccept = {addr}\nconnect = {proxy}\n\
-         protocol = connect\nprotocolHost = {target}"
-    )?;
+    writeln!(text, "[client]\nclient = yes\naccept = {addr}")?;
+    match proxy {
+        Some(proxy) => writeln!(
+            text,
+            "connect = {proxy}\nprotocol = connect\nprotocolHost = {target}"
+        )?,
+        None => writeln!(text, "connect = {target}")?,
+    }
     if let Some((user, pass)) = creds {
         writeln!(
             text,
