@@ -21,6 +21,10 @@ use proxy_ebpf::{DEFAULT_MAX_SOCKETS, STATS_INDEX, Stats};
 #[map]
 static PEERS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
+/// Own socket cookie -> socket; the verdict program is attached here. See `proxy_ebpf::ARMED_MAP`.
+#[map]
+static ARMED: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
 /// Source socket cookie -> bytes redirected to its peer. See `proxy_ebpf::BYTES_MAP`.
 #[map]
 static BYTES: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);

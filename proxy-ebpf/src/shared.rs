@@ -10,15 +10,19 @@ pub const PROGRAM_NAME: &str = "splice_verdict";
 
 /// `SockHash<u64>`: key = socket cookie of the socket the data arrives on, value = the socket to
 /// transmit it on. A tunnel is two entries: `PEERS[cookie(client)] = upstream` and
-/// `PEERS[cookie(upstream)] = client`.
+/// `PEERS[cookie(upstream)] = client`. No program is attached to this map: being in it makes a
+/// socket a valid redirect target and nothing more.
 ///
-/// Inserting a socket as a *value* is what puts the verdict program on it, so each insert arms the
-/// value socket, and that socket's own key must already be there or its data is passed to its own
-/// receive queue (`SK_PASS`, no peer) until the other insert lands. Insert
-/// `PEERS[cookie(upstream)] = client` first (arms the client, which normally sends nothing until it
-/// has the 200), then `PEERS[cookie(client)] = upstream` (arms the upstream, whose key is already
-/// present). Remove both keys before closing either socket.
+/// The verdict program runs on the sockets of [`ARMED_MAP`]. Keeping the two apart makes the
+/// handoff free of races: userspace fills `PEERS` for both sockets first, so by the time either
+/// socket is armed its redirect target already exists and no segment can fall through to
+/// `SK_PASS` (which would strand it in the socket's own queue).
 pub const PEERS_MAP: &str = "PEERS";
+
+/// `SockHash<u64>`: key = the socket's own cookie, value = the socket. The stream-verdict program
+/// is attached to this map, so inserting a socket here starts verdict processing on it. Insert
+/// only after both of the tunnel's [`PEERS_MAP`] entries exist; remove before removing those.
+pub const ARMED_MAP: &str = "ARMED";
 
 /// `HashMap<u64, u64>`: socket cookie of the source socket -> bytes redirected from it to its
 /// peer (one direction of a tunnel). The program creates a missing entry; userspace reads the

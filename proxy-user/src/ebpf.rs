@@ -2,7 +2,7 @@
 //!
 //! `build.rs` compiles `proxy-ebpf` and leaves the object in `OUT_DIR`; [`OBJECT`] embeds it.
 //! [`load`] creates the maps and loads the stream-verdict program, but attaches nothing: the
-//! sockmap data path attaches it to [`PEERS_MAP`] and fills the maps. Names and layouts come from
+//! sockmap data path attaches it to [`ARMED_MAP`] and fills the maps. Names and layouts come from
 //! `proxy-ebpf/src/shared.rs`, compiled into this module so both sides agree.
 
 use std::io;
@@ -17,7 +17,8 @@ use aya::{
 mod shared;
 
 pub use shared::{
-    BYTES_MAP, DEFAULT_MAX_SOCKETS, PEERS_MAP, PROGRAM_NAME, STATS_INDEX, STATS_MAP, Stats,
+    ARMED_MAP, BYTES_MAP, DEFAULT_MAX_SOCKETS, PEERS_MAP, PROGRAM_NAME, STATS_INDEX, STATS_MAP,
+    Stats,
 };
 
 // SAFETY: `Stats` is `#[repr(C)]`, all `u64`, no padding, valid for any bit pattern.
@@ -70,11 +71,12 @@ pub fn load_with_capacity(max_sockets: u32) -> Result<Ebpf, EbpfError> {
 
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(PEERS_MAP, max_sockets.max(2))
+        .map_max_entries(ARMED_MAP, max_sockets.max(2))
         .map_max_entries(BYTES_MAP, max_sockets.max(2))
         .load(OBJECT)
         .map_err(classify_object_error)?;
 
-    for name in [PEERS_MAP, BYTES_MAP, STATS_MAP] {
+    for name in [PEERS_MAP, ARMED_MAP, BYTES_MAP, STATS_MAP] {
         if ebpf.map(name).is_none() {
             return Err(EbpfError::Missing { kind: "map", name });
         }
@@ -284,7 +286,7 @@ mod tests {
             .try_into()
             .expect("an sk_skb program");
         assert!(program.fd().is_ok(), "program loaded into the kernel");
-        for name in [PEERS_MAP, BYTES_MAP, STATS_MAP] {
+        for name in [PEERS_MAP, ARMED_MAP, BYTES_MAP, STATS_MAP] {
             assert!(ebpf.map(name).is_some(), "map {name} present");
         }
         aya::maps::SockHash::<_, u64>::try_from(ebpf.map(PEERS_MAP).unwrap()).expect("sockhash");
@@ -355,13 +357,20 @@ mod tests {
 
         let mut peers =
             aya::maps::SockHash::<_, u64>::try_from(ebpf.take_map(PEERS_MAP).unwrap()).unwrap();
+        let mut armed =
+            aya::maps::SockHash::<_, u64>::try_from(ebpf.take_map(ARMED_MAP).unwrap()).unwrap();
         let program: &mut SkSkb = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
         program
-            .attach(peers.fd())
+            .attach(armed.fd())
             .unwrap_or_else(|e| panic!("attach: {e}"));
+        // Targets first, then arm: no segment can meet a missing peer.
         peers.insert(u_cookie, proxy_client.as_raw_fd(), 0).unwrap();
         peers
             .insert(c_cookie, proxy_upstream.as_raw_fd(), 0)
+            .unwrap();
+        armed.insert(c_cookie, proxy_client.as_raw_fd(), 0).unwrap();
+        armed
+            .insert(u_cookie, proxy_upstream.as_raw_fd(), 0)
             .unwrap();
 
         let up = b"client to server through the kernel";
