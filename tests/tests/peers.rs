@@ -83,20 +83,18 @@ fn assert_no_secrets(proxy: &Proxy, secrets: &[&str]) -> Result<()> {
 }
 
 /// Waits (the access log is written when the tunnel ends) until a proxy log
-/// line names `USER` together with `target_port`.
+/// line names `USER` together with `target_port` and a 200 status.
 fn wait_access_log(proxy: &Proxy, target_port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let port = target_port.to_string();
     loop {
-        if proxy
-            .log()
-            .iter()
-            .any(|l| l.contains(USER) && l.contains(&port))
-        {
+        if proxy.log().iter().any(|l| {
+            l.contains(USER) && l.contains(&port) && l.contains("200") && !l.contains("407")
+        }) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("no proxy log line names user {USER:?} and target port {port}");
+            bail!("no proxy log line names user {USER:?}, target port {port} and status 200");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
