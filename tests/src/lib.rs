@@ -4,6 +4,8 @@
 //! The binary is found through `SPLICE_PROXY_BIN`, or next to the test
 //! executable's target directory (`cargo xtask test` builds it first).
 
+pub mod peers;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
