@@ -5,6 +5,8 @@
 //! executable's target directory (`cargo xtask test` builds it first).
 
 pub mod peers;
+pub mod rawhttp;
+pub mod torture;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -83,7 +85,10 @@ impl Proxy {
             .arg("--listen")
             .arg(addr.to_string())
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -136,6 +141,14 @@ impl Proxy {
     /// The proxy's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// The exit status if the proxy has exited (reaps it), `None` while it runs.
+    pub fn try_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("already stopped"),
+        }
     }
 
     /// Number of open file descriptors of the proxy process.
@@ -243,4 +256,25 @@ pub fn modes() -> Vec<String> {
         "probe must report copy and splice available: {modes:?}"
     );
     modes
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (proxies
+/// started afterwards inherit it). Returns the new soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        }
+    }
+    r.rlim_cur
 }
