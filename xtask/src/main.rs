@@ -1,0 +1,166 @@
+//! `cargo xtask setup | build | run | test`: the project's own entry points, so a fresh machine
+//! and CI do exactly what a developer does.
+
+mod setup;
+mod util;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use crate::util::{cargo, run_step, step};
+
+#[derive(Parser)]
+#[command(about = "splice-proxy developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: nightly + rust-src, bpf-linker, Debian packages, bpffs.
+    /// Idempotent and non-interactive; a no-op when everything is present.
+    Setup,
+    /// Setup, then build the release binary (target/release/splice-proxy).
+    Build,
+    /// Build, then run `splice-proxy run` with the arguments after `--`.
+    Run {
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, build, then run every test (release), clippy and rustfmt. Arguments after `--`
+    /// go to `cargo test` (e.g. test name filters).
+    Test {
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::run(),
+        Task::Build => build(),
+        Task::Run { args } => run(&args),
+        Task::Test { args } => test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (this crate lives in `<root>/xtask`).
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+}
+
+fn release_binary() -> PathBuf {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target_dir = if target_dir.is_relative() {
+        workspace_root().join(target_dir)
+    } else {
+        target_dir
+    };
+    target_dir.join("release").join("splice-proxy")
+}
+
+fn build() -> Result<()> {
+    setup::run()?;
+    run_step(
+        "build the release binary",
+        cargo().args(["build", "--release", "-p", "proxy-user"]),
+    )
+}
+
+fn run(args: &[OsString]) -> Result<()> {
+    build()?;
+    let bin = release_binary();
+    let mut cmd = Command::new(&bin);
+    cmd.arg("run").args(args);
+    step(&format!("run {}", util::display(&cmd)));
+    // Replace this process so signals (Ctrl-C, SIGTERM, SIGHUP) reach the proxy directly.
+    let err = std::os::unix::process::CommandExt::exec(&mut cmd);
+    Err(err).with_context(|| format!("exec {}", bin.display()))
+}
+
+fn test(args: &[OsString]) -> Result<()> {
+    let started = Instant::now();
+    build()?;
+
+    let mut failed = Vec::new();
+    let mut timings = Vec::new();
+    let mut check = |name: &'static str, what: &str, cmd: &mut Command| {
+        let t = Instant::now();
+        if let Err(err) = run_step(what, cmd) {
+            eprintln!("xtask: {name} failed: {err:#}");
+            failed.push(name);
+        }
+        timings.push(format!("{name} {:.0}s", t.elapsed().as_secs_f64()));
+    };
+
+    let mut tests = cargo();
+    tests
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "proxy-ebpf",
+        ])
+        .args(args);
+    // The end-to-end tests run the binary built above.
+    if std::env::var_os("SPLICE_PROXY_BIN").is_none() {
+        tests.env("SPLICE_PROXY_BIN", release_binary());
+    }
+    check("tests", "run the tests (release)", &mut tests);
+
+    // Lints do not need the eBPF object: skip its (separate, dev-profile) build.
+    check(
+        "clippy",
+        "clippy, warnings denied",
+        cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "proxy-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("AYA_BUILD_SKIP", "1"),
+    );
+    check(
+        "fmt",
+        "check formatting",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    );
+
+    let total = started.elapsed().as_secs_f64();
+    let timings = timings.join(", ");
+    if failed.is_empty() {
+        step(&format!("test: all green in {total:.0}s ({timings})"));
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "test: {} failed after {total:.0}s ({timings})",
+            failed.join(", ")
+        )
+    }
+}
