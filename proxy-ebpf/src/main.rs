@@ -39,6 +39,15 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let len = u64::from(ctx.len());
 
+    // A FIN with no data still reaches the verdict (tcp_read_skb hands every skb over). Redirected,
+    // the peer's redirect worker would try to send zero bytes, take that as a hard error, set
+    // EPIPE on the peer and stop its transmit side. The FIN itself is already recorded in the TCP
+    // state (RCV_SHUTDOWN), which userspace forwards with shutdown(SHUT_WR); the empty skb only
+    // carries it, so drop it.
+    if len == 0 {
+        return sk_action::SK_DROP;
+    }
+
     // bpf_sk_redirect_hash only marks the skb; the kernel moves it after we return SK_PASS. It
     // answers SK_DROP when there is no usable peer, and then nothing has been marked.
     let redirected = PEERS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(sk_action::SK_PASS);

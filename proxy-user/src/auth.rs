@@ -142,7 +142,7 @@ impl Authenticator {
 /// the password is everything after the first ':'.
 pub fn decode_basic(header: &[u8]) -> Option<(String, String)> {
     let header = std::str::from_utf8(header).ok()?.trim();
-    let (scheme, token) = header.split_once(|c: char| c == ' ' || c == '\t')?;
+    let (scheme, token) = header.split_once([' ', '\t'])?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }

@@ -37,7 +37,14 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Probe => {
-            for line in tunnel::probe_report() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let Ok(runtime) = runtime else {
+                eprintln!("error: starting the runtime");
+                return ExitCode::FAILURE;
+            };
+            for line in runtime.block_on(tunnel::probe_report()) {
                 println!("{line}");
             }
             ExitCode::SUCCESS
@@ -94,13 +101,6 @@ fn run(cfg: Config) -> ExitCode {
         Ok(a) => Arc::new(a),
         Err(e) => return config_error(format_args!("--htpasswd: {e}")),
     };
-    let selection = match tunnel::select(cfg.mode) {
-        Ok(s) => s,
-        Err(reason) => {
-            let mode = clap::ValueEnum::to_possible_value(&cfg.mode).expect("not skipped");
-            return config_error(format_args!("--mode {}: {reason}", mode.get_name()));
-        }
-    };
     init_logging(cfg.log_format);
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -111,6 +111,13 @@ fn run(cfg: Config) -> ExitCode {
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let selection = match runtime.block_on(tunnel::select(cfg.mode)) {
+        Ok(s) => s,
+        Err(reason) => {
+            let mode = clap::ValueEnum::to_possible_value(&cfg.mode).expect("not skipped");
+            return config_error(format_args!("--mode {}: {reason}", mode.get_name()));
         }
     };
     match runtime.block_on(serve(cfg, auth, selection)) {
@@ -136,12 +143,18 @@ async fn serve(
         resolver: Arc::new(SystemResolver),
         timeout: cfg.connect_timeout,
     };
-    let proxy = Arc::new(Proxy::new(&cfg, auth.clone(), connector, selection.mode));
+    let mode = selection.datapath.mode();
+    let proxy = Arc::new(Proxy::new(
+        &cfg,
+        auth.clone(),
+        connector,
+        selection.datapath,
+    ));
     let stop = CancellationToken::new();
     spawn_signal_handlers(auth, stop.clone()).context("installing signal handlers")?;
     tracing::info!(
         listen = ?cfg.listen,
-        mode = %selection.mode,
+        mode = %mode,
         users = auth_summary(&cfg),
         "splice-proxy ready"
     );

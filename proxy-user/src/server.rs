@@ -17,7 +17,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::request::{self, RequestError, Status};
-use crate::tunnel::{self, Mode};
+use crate::tunnel::{self, DataPath, Handoff};
 use crate::upstream::Connector;
 
 /// Everything a connection needs, shared by all of them.
@@ -25,7 +25,7 @@ pub struct Proxy {
     pub auth: Arc<Authenticator>,
     pub policy: Policy,
     pub connector: Connector,
-    pub mode: Mode,
+    pub datapath: DataPath,
     pub header_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     tunnels: Arc<Semaphore>,
@@ -34,8 +34,9 @@ pub struct Proxy {
 }
 
 /// A handshake that succeeded: the upstream socket and what it holds on to.
-struct Established {
+struct Established<'a> {
     upstream: TcpStream,
+    handoff: Handoff<'a>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -44,12 +45,17 @@ struct Established {
 type Refusal = Option<Status>;
 
 impl Proxy {
-    pub fn new(cfg: &Config, auth: Arc<Authenticator>, connector: Connector, mode: Mode) -> Proxy {
+    pub fn new(
+        cfg: &Config,
+        auth: Arc<Authenticator>,
+        connector: Connector,
+        datapath: DataPath,
+    ) -> Proxy {
         Proxy {
             auth,
             policy: Policy::new(cfg.allow_dst.clone(), cfg.allow_port.clone()),
             connector,
-            mode,
+            datapath,
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,
             tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
@@ -59,12 +65,14 @@ impl Proxy {
 
     /// Serves one accepted connection to its end.
     async fn serve_connection(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let mut record = Record::new(peer, self.mode);
+        let mode = self.datapath.mode();
+        let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
         match self.handshake(&mut client, &mut record).await {
             Ok(est) => {
                 let outcome = tunnel::forward(
-                    self.mode,
+                    mode,
+                    est.handoff,
                     client,
                     est.upstream,
                     self.idle_timeout,
@@ -87,7 +95,7 @@ impl Proxy {
         &self,
         client: &mut TcpStream,
         record: &mut Record,
-    ) -> Result<Established, Refusal> {
+    ) -> Result<Established<'_>, Refusal> {
         // Read the request head, within the header timeout.
         let read = tokio::time::timeout(self.header_timeout, request::read_request(client)).await;
         let (req, early_bytes) = match read {
@@ -153,6 +161,15 @@ impl Proxy {
             record.early_bytes = early_bytes.len() as u64;
         }
 
+        // The data path's part of the handoff that precedes the reply.
+        let handoff = self.datapath.register(client, &upstream).map_err(|e| {
+            record.error = Some(format!(
+                "handing the tunnel to {}: {e}",
+                self.datapath.mode()
+            ));
+            Some(Status::Unavailable)
+        })?;
+
         // Reply.
         client
             .write_all(&Status::Established.response())
@@ -164,6 +181,7 @@ impl Proxy {
         record.status = Some(200);
         Ok(Established {
             upstream,
+            handoff,
             _permit: permit,
         })
     }
@@ -305,7 +323,7 @@ mod tests {
             resolver: Arc::new(resolver),
             timeout: Duration::from_secs(2),
         };
-        let proxy = Arc::new(Proxy::new(&cfg, auth, connector, Mode::Copy));
+        let proxy = Arc::new(Proxy::new(&cfg, auth, connector, DataPath::Copy));
         let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).await.unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let stop = CancellationToken::new();

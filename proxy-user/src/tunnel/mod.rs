@@ -7,6 +7,8 @@
 //! sits idle too long, or the proxy shuts down.
 
 mod copy;
+mod self_check;
+pub mod sockmap;
 mod splice;
 
 use std::fmt;
@@ -39,57 +41,97 @@ impl fmt::Display for Mode {
     }
 }
 
+/// The data path chosen at start-up, with whatever state it needs.
+pub enum DataPath {
+    Copy,
+    Splice,
+    Sockmap(Box<sockmap::Sockmap>),
+}
+
+impl DataPath {
+    pub fn mode(&self) -> Mode {
+        match self {
+            DataPath::Copy => Mode::Copy,
+            DataPath::Splice => Mode::Splice,
+            DataPath::Sockmap(_) => Mode::Sockmap,
+        }
+    }
+
+    /// The part of the handoff that must happen before the `200` is written.
+    pub fn register<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> io::Result<Handoff<'a>> {
+        match self {
+            DataPath::Sockmap(sm) => Ok(Handoff(Some(sm.register(client, upstream)?))),
+            DataPath::Copy | DataPath::Splice => Ok(Handoff(None)),
+        }
+    }
+}
+
+/// What [`DataPath::register`] set up for one tunnel; undone on drop.
+pub struct Handoff<'a>(Option<sockmap::Registration<'a>>);
+
 /// The data path chosen at start-up, and the warning to log once when
 /// `auto` had to fall back.
-#[derive(Debug)]
 pub struct Selection {
-    pub mode: Mode,
+    pub datapath: DataPath,
     pub fallback_warning: Option<String>,
 }
 
-/// Why the sockmap path cannot be used by this build.
-pub const SOCKMAP_UNAVAILABLE: &str =
-    "the sockmap data path is not implemented in this version of splice-proxy";
+/// Why `auto` does not pick sockmap even where it loads and passes its check.
+pub const SOCKMAP_NOT_DEFAULT: &str = "sockmap is experimental: a tunnel's in-kernel backlog is not bounded yet when a peer stops reading";
+
+/// Loads the eBPF program and runs the start-up self-check on loopback.
+pub async fn start_sockmap() -> Result<sockmap::Sockmap, String> {
+    let sm = sockmap::Sockmap::start().map_err(|e| e.to_string())?;
+    self_check::run(&sm)
+        .await
+        .map_err(|e| format!("the sockmap self-check failed on this kernel: {e}"))?;
+    Ok(sm)
+}
 
 /// Chooses the data path for `--mode`; an error is the reason an explicitly
 /// requested mode cannot work here.
-pub fn select(requested: ModeArg) -> Result<Selection, String> {
+pub async fn select(requested: ModeArg) -> Result<Selection, String> {
+    let plain = |datapath| Selection {
+        datapath,
+        fallback_warning: None,
+    };
     match requested {
-        ModeArg::Copy => Ok(Selection {
-            mode: Mode::Copy,
-            fallback_warning: None,
-        }),
+        ModeArg::Copy => Ok(plain(DataPath::Copy)),
         ModeArg::Splice => splice::probe()
-            .map(|()| Selection {
-                mode: Mode::Splice,
-                fallback_warning: None,
-            })
+            .map(|()| plain(DataPath::Splice))
             .map_err(|e| format!("splice(2) does not work here: {e}")),
-        ModeArg::Sockmap => Err(SOCKMAP_UNAVAILABLE.to_string()),
+        ModeArg::Sockmap => Ok(plain(DataPath::Sockmap(Box::new(start_sockmap().await?)))),
         ModeArg::Auto => Ok(match splice::probe() {
             Ok(()) => Selection {
-                mode: Mode::Splice,
-                fallback_warning: Some(format!("using splice: {SOCKMAP_UNAVAILABLE}")),
+                datapath: DataPath::Splice,
+                fallback_warning: Some(format!("using splice: {SOCKMAP_NOT_DEFAULT}")),
             },
             Err(e) => Selection {
-                mode: Mode::Copy,
+                datapath: DataPath::Copy,
                 fallback_warning: Some(format!(
-                    "using copy: {SOCKMAP_UNAVAILABLE}, and splice(2) failed its check: {e}"
+                    "using copy: {SOCKMAP_NOT_DEFAULT}, and splice(2) failed its check: {e}"
                 )),
             },
         }),
     }
 }
 
-/// `splice-proxy probe`: one line per data path.
-pub fn probe_report() -> Vec<String> {
+/// `splice-proxy probe`: one line per data path: `<mode> ok`, or
+/// `<mode> experimental: …` / `<mode> unavailable: …`.
+pub async fn probe_report() -> Vec<String> {
     let mut lines = vec!["copy ok".to_string()];
     lines.push(match splice::probe() {
         Ok(()) => "splice ok".into(),
         Err(e) => format!("splice unavailable: {e}"),
     });
-    lines.push(match crate::ebpf::load() {
-        Ok(_) => format!("sockmap unavailable: the eBPF program loads, but {SOCKMAP_UNAVAILABLE}"),
+    lines.push(match start_sockmap().await {
+        Ok(_) => format!(
+            "sockmap experimental: loads and passes its self-check, but {SOCKMAP_NOT_DEFAULT}"
+        ),
         Err(e) => format!("sockmap unavailable: {e}"),
     });
     lines
@@ -104,6 +146,8 @@ pub enum End {
     UpstreamReset,
     Idle,
     Shutdown,
+    /// The data path could not take the tunnel over.
+    Failed,
 }
 
 impl fmt::Display for End {
@@ -114,6 +158,7 @@ impl fmt::Display for End {
             End::UpstreamReset => "upstream_reset",
             End::Idle => "idle_timeout",
             End::Shutdown => "shutdown",
+            End::Failed => "failed",
         })
     }
 }
@@ -197,14 +242,15 @@ pub(crate) fn shutdown_write(dst: &TcpStream) -> Result<(), PumpError> {
 /// Forwards `client` ⇄ `upstream` with `mode` until the tunnel ends.
 pub async fn forward(
     mode: Mode,
+    handoff: Handoff<'_>,
     client: TcpStream,
     upstream: TcpStream,
     idle: Option<Duration>,
     cancel: CancellationToken,
 ) -> Outcome {
     let progress = Progress::new();
-    let (end, error) = match mode {
-        Mode::Copy => {
+    let (end, error) = match (mode, handoff.0) {
+        (Mode::Copy, _) => {
             drive(
                 copy::pump(&client, &upstream, Dir::Up, &progress),
                 copy::pump(&upstream, &client, Dir::Down, &progress),
@@ -214,7 +260,7 @@ pub async fn forward(
             )
             .await
         }
-        Mode::Splice => {
+        (Mode::Splice, _) => {
             drive(
                 splice::pump(&client, &upstream, Dir::Up, &progress),
                 splice::pump(&upstream, &client, Dir::Down, &progress),
@@ -224,9 +270,24 @@ pub async fn forward(
             )
             .await
         }
-        Mode::Sockmap => unreachable!("select() never chooses sockmap in this version"),
+        (Mode::Sockmap, Some(mut reg)) => {
+            let (result, by_userspace) = match reg.arm(&client, &upstream).await {
+                Ok(n) => (reg.run(&client, &upstream, idle, &cancel).await, n),
+                Err(e) => ((End::Failed, Some(format!("arming the sockmap: {e}"))), 0),
+            };
+            let (up, down) = reg.bytes();
+            progress.up.store(up + by_userspace, Ordering::Relaxed);
+            progress.down.store(down, Ordering::Relaxed);
+            // Leave the maps before the sockets close.
+            drop(reg);
+            result
+        }
+        (Mode::Sockmap, None) => (
+            End::Failed,
+            Some("sockmap tunnel was not registered".into()),
+        ),
     };
-    if matches!(end, End::ClientReset | End::UpstreamReset) {
+    if matches!(end, End::ClientReset | End::UpstreamReset | End::Failed) {
         // Closing with SO_LINGER 0 sends RST: the reset reaches the other side.
         for s in [&client, &upstream] {
             let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));

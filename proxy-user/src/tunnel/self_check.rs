@@ -1,0 +1,125 @@
+//! The sockmap start-up check: one tunnel on loopback through the real
+//! program, exercising what the torture suite found fragile — bytes queued
+//! before arming (a server that speaks first), both directions, half-close
+//! in order, byte counters, and map entries removed afterwards.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::End;
+use super::sockmap::Sockmap;
+
+async fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let a = TcpStream::connect(l.local_addr()?).await?;
+    let (b, _) = l.accept().await?;
+    Ok((a, b))
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+pub(super) async fn run(sm: &Sockmap) -> Result<(), String> {
+    tokio::time::timeout(Duration::from_secs(10), check(sm))
+        .await
+        .map_err(|_| "timed out after 10 s".to_string())?
+}
+
+async fn check(sm: &Sockmap) -> Result<(), String> {
+    let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+    let entries_before = sm.peer_entries();
+    let (mut client, proxy_client) = pair().await.map_err(io("loopback pair"))?;
+    let (proxy_upstream, mut server) = pair().await.map_err(io("loopback pair"))?;
+
+    // A server that speaks first: its banner waits in the receive queue.
+    let banner = pattern(3000, 1);
+    server.write_all(&banner).await.map_err(io("banner"))?;
+    let mut reg = sm
+        .register(&proxy_client, &proxy_upstream)
+        .map_err(io("register"))?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    reg.arm(&proxy_client, &proxy_upstream)
+        .await
+        .map_err(io("arm"))?;
+
+    let cancel = CancellationToken::new();
+    let watcher = reg.run(&proxy_client, &proxy_upstream, None, &cancel);
+    let traffic = async {
+        let mut got = vec![0u8; banner.len()];
+        client
+            .read_exact(&mut got)
+            .await
+            .map_err(io("reading the banner"))?;
+        if got != banner {
+            return Err("bytes queued before arming arrived corrupted".to_string());
+        }
+        let up = pattern(256 * 1024, 7);
+        let down = pattern(256 * 1024, 9);
+        let (w, r) = tokio::join!(
+            async {
+                client.write_all(&up).await?;
+                client.shutdown().await
+            },
+            async {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.map(|_| got)
+            }
+        );
+        w.map_err(io("client write"))?;
+        let got = r.map_err(io("server read"))?;
+        if got != up {
+            return Err(format!(
+                "client → server: sent {} bytes, got {} (or different content)",
+                up.len(),
+                got.len()
+            ));
+        }
+        server.write_all(&down).await.map_err(io("server write"))?;
+        server.shutdown().await.map_err(io("server shutdown"))?;
+        let mut got = Vec::new();
+        client
+            .read_to_end(&mut got)
+            .await
+            .map_err(io("client read"))?;
+        if got != down {
+            return Err(format!(
+                "server → client after half-close: sent {} bytes, got {}",
+                down.len(),
+                got.len()
+            ));
+        }
+        Ok::<_, String>((up.len() as u64, (banner.len() + down.len()) as u64))
+    };
+    let ((end, err), traffic) = tokio::join!(watcher, traffic);
+    let (up, down) = traffic?;
+    if end != End::Closed {
+        return Err(format!("tunnel ended {end} ({err:?}) instead of closing"));
+    }
+    if reg.bytes() != (up, down) {
+        return Err(format!(
+            "program counted {:?}, expected {:?}",
+            reg.bytes(),
+            (up, down)
+        ));
+    }
+    drop(reg);
+    if sm.peer_entries() != entries_before {
+        return Err("map entries were left behind".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn sockmap_self_check_passes_here() {
+        let sm = super::Sockmap::start().unwrap_or_else(|e| panic!("{e}"));
+        super::run(&sm).await.unwrap();
+    }
+}

@@ -1,0 +1,424 @@
+//! The sockmap data path: the eBPF stream-verdict program redirects every
+//! segment that arrives on one socket of a tunnel to the transmit side of
+//! its peer, so tunnel bytes never reach userspace. Userspace only sets the
+//! tunnel up, watches for FIN and RST, and tears it down.
+//!
+//! Handoff, in this order (see `proxy-ebpf/src/shared.rs` for the maps):
+//! 1. `PEERS[cookie(client)] = upstream`, `PEERS[cookie(upstream)] = client`:
+//!    redirect targets exist, nothing is armed yet ([`Sockmap::register`]);
+//! 2. userspace writes the `200` to the client;
+//! 3. each socket's "queued total" (bytes acked + bytes in its send queue) is
+//!    recorded, both sockets go into `ARMED` (the program starts running on
+//!    them) and `SO_RCVLOWAT` is set, which runs whatever arrived before
+//!    arming through the program, in order ([`Registration::arm`]).
+//!
+//! Close: after a FIN from side A, the peer B is shut for writing only once
+//! B's queued total has grown by every byte the program redirected from A,
+//! so the FIN can never overtake data still in the kernel's redirect worker.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aya::Ebpf;
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{End, shutdown_write};
+use crate::ebpf::{self, ARMED_MAP, BYTES_MAP, EbpfError, PEERS_MAP, PROGRAM_NAME};
+
+/// The loaded program and its maps, shared by all tunnels.
+pub struct Sockmap {
+    // Keeps the program and its attachment alive.
+    _ebpf: Ebpf,
+    peers: Mutex<SockHash<MapData, u64>>,
+    armed: Mutex<SockHash<MapData, u64>>,
+    bytes: Mutex<HashMap<MapData, u64, u64>>,
+}
+
+fn map_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
+    EbpfError::Other(format!("{what}: {e}"))
+}
+
+impl Sockmap {
+    /// Loads the program and attaches it to the `ARMED` map.
+    pub fn start() -> Result<Sockmap, EbpfError> {
+        let mut ebpf = ebpf::load()?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(EbpfError::Missing { kind: "map", name })
+        };
+        let peers =
+            SockHash::try_from(take(&mut ebpf, PEERS_MAP)?).map_err(|e| map_err(PEERS_MAP, e))?;
+        let armed =
+            SockHash::try_from(take(&mut ebpf, ARMED_MAP)?).map_err(|e| map_err(ARMED_MAP, e))?;
+        let bytes =
+            HashMap::try_from(take(&mut ebpf, BYTES_MAP)?).map_err(|e| map_err(BYTES_MAP, e))?;
+        let program: &mut SkSkb = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(EbpfError::Missing {
+                kind: "program",
+                name: PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(|e| map_err(PROGRAM_NAME, e))?;
+        program
+            .attach(armed.fd())
+            .map_err(|e| map_err("attaching the stream verdict program", e))?;
+        Ok(Sockmap {
+            _ebpf: ebpf,
+            peers: Mutex::new(peers),
+            armed: Mutex::new(armed),
+            bytes: Mutex::new(bytes),
+        })
+    }
+
+    /// Step 1 of the handoff: makes each socket the other's redirect target.
+    /// Nothing is redirected until [`Registration::arm`].
+    pub fn register<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> io::Result<Registration<'a>> {
+        let mut reg = Registration {
+            sockmap: self,
+            client: cookie(client.as_raw_fd())?,
+            upstream: cookie(upstream.as_raw_fd())?,
+            in_peers: false,
+            armed: false,
+            base_client: 0,
+            base_upstream: 0,
+        };
+        {
+            let mut bytes = self.bytes.lock().expect("bytes map lock");
+            for c in [reg.client, reg.upstream] {
+                bytes.insert(c, 0, 0).map_err(io::Error::other)?;
+            }
+        }
+        let mut peers = self.peers.lock().expect("peers map lock");
+        peers
+            .insert(reg.client, upstream.as_raw_fd(), 0)
+            .map_err(io::Error::other)?;
+        reg.in_peers = true;
+        peers
+            .insert(reg.upstream, client.as_raw_fd(), 0)
+            .map_err(io::Error::other)?;
+        Ok(reg)
+    }
+
+    /// Bytes the program has redirected from the socket with this cookie.
+    fn redirected(&self, cookie: u64) -> u64 {
+        self.bytes
+            .lock()
+            .expect("bytes map lock")
+            .get(&cookie, 0)
+            .unwrap_or(0)
+    }
+
+    /// Entries in the `PEERS` map (two per open tunnel).
+    pub fn peer_entries(&self) -> usize {
+        self.peers.lock().expect("peers map lock").keys().count()
+    }
+}
+
+/// A tunnel's place in the maps; removed from all of them on drop, so no
+/// entry outlives its tunnel.
+pub struct Registration<'a> {
+    sockmap: &'a Sockmap,
+    client: u64,
+    upstream: u64,
+    in_peers: bool,
+    armed: bool,
+    base_client: u64,
+    base_upstream: u64,
+}
+
+impl Registration<'_> {
+    /// Step 3 of the handoff, after the 200 was written. Returns the bytes
+    /// userspace forwarded client → upstream itself while emptying the
+    /// client's receive queue.
+    pub async fn arm(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<u64> {
+        // Userspace read the request head from the client, possibly ending
+        // inside an skb. The kernel hands whole skbs to the program
+        // (tcp_read_skb ignores how much of one was already read), so a
+        // partly read skb would be redirected again from its start: the
+        // head and early bytes would reach upstream twice. Empty the queue
+        // to a skb boundary first; whatever arrives later comes in whole skbs.
+        let forwarded = drain_into(client, upstream).await?;
+        // Nothing is armed yet, so these totals only hold what userspace wrote.
+        self.base_client = queued_total(client.as_raw_fd())?;
+        self.base_upstream = queued_total(upstream.as_raw_fd())?;
+        {
+            let mut armed = self.sockmap.armed.lock().expect("armed map lock");
+            self.armed = true;
+            armed
+                .insert(self.client, client.as_raw_fd(), 0)
+                .map_err(io::Error::other)?;
+            armed
+                .insert(self.upstream, upstream.as_raw_fd(), 0)
+                .map_err(io::Error::other)?;
+        }
+        // Run bytes that arrived before arming through the program, in order.
+        for s in [client, upstream] {
+            set_rcvlowat(s.as_raw_fd(), 1)?;
+        }
+        Ok(forwarded)
+    }
+
+    /// Bytes redirected client → upstream and upstream → client.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.sockmap.redirected(self.client),
+            self.sockmap.redirected(self.upstream),
+        )
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut armed = self.sockmap.armed.lock().expect("armed map lock");
+            let _ = armed.remove(&self.client);
+            let _ = armed.remove(&self.upstream);
+        }
+        if self.in_peers {
+            let mut peers = self.sockmap.peers.lock().expect("peers map lock");
+            let _ = peers.remove(&self.client);
+            let _ = peers.remove(&self.upstream);
+        }
+        let mut bytes = self.sockmap.bytes.lock().expect("bytes map lock");
+        let _ = bytes.remove(&self.client);
+        let _ = bytes.remove(&self.upstream);
+    }
+}
+
+/// Reads `src` until it would block and writes everything to `dst`.
+async fn drain_into(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match src.try_read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                let mut off = 0;
+                while off < n {
+                    dst.writable().await?;
+                    match dst.try_write(&buf[off..n]) {
+                        Ok(m) => off += m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What happened on a watched socket.
+enum Event {
+    Fin,
+    Reset(io::Error),
+}
+
+/// Waits for the socket's remote to send FIN or RST. Data never wakes us:
+/// the program consumes it before it reaches the socket's queue.
+async fn next_event(s: &TcpStream) -> Event {
+    loop {
+        match s.ready(Interest::READABLE | Interest::ERROR).await {
+            Err(e) => return Event::Reset(e),
+            Ok(ready) => {
+                if let Ok(Some(e)) = s.take_error() {
+                    return Event::Reset(e);
+                }
+                if ready.is_read_closed() {
+                    return Event::Fin;
+                }
+                // Spurious readiness: clear it and wait for the next edge.
+                let _ = s.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
+    }
+}
+
+/// After a FIN on a closed-for-reading socket, waits for an error only.
+async fn next_error(s: &TcpStream) -> io::Error {
+    loop {
+        match s.ready(Interest::ERROR).await {
+            Err(e) => return e,
+            Ok(_) => {
+                if let Ok(Some(e)) = s.take_error() {
+                    return e;
+                }
+                let _ = s.try_io(Interest::ERROR, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl Registration<'_> {
+    /// Watches the armed tunnel until it ends.
+    pub async fn run(
+        &self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        idle: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> (End, Option<String>) {
+        let (mut up_done, mut down_done) = (false, false);
+        let mut last_bytes = self.bytes();
+        let mut last_change = tokio::time::Instant::now();
+        let tick = idle.map_or(Duration::from_secs(3600), |d| {
+            (d / 4).max(Duration::from_millis(10))
+        });
+        while !(up_done && down_done) {
+            tokio::select! {
+                ev = next_event(client), if !up_done => match ev {
+                    Event::Reset(e) => return (End::ClientReset, Some(format!("client: {e}"))),
+                    Event::Fin => {
+                        if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up).await {
+                            return end;
+                        }
+                        up_done = true;
+                    }
+                },
+                ev = next_event(upstream), if !down_done => match ev {
+                    Event::Reset(e) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
+                    Event::Fin => {
+                        if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down).await {
+                            return end;
+                        }
+                        down_done = true;
+                    }
+                },
+                e = next_error(client), if up_done => return (End::ClientReset, Some(format!("client: {e}"))),
+                e = next_error(upstream), if down_done => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
+                () = tokio::time::sleep(tick), if idle.is_some() => {
+                    let now = self.bytes();
+                    if now != last_bytes {
+                        last_bytes = now;
+                        last_change = tokio::time::Instant::now();
+                    } else if last_change.elapsed() >= idle.unwrap_or_default() {
+                        return (End::Idle, None);
+                    }
+                }
+                () = cancel.cancelled() => return (End::Shutdown, None),
+            }
+        }
+        (End::Closed, None)
+    }
+
+    /// `src` sent FIN: once `dst` has queued every byte redirected from
+    /// `src`, shut `dst` for writing.
+    async fn drain(
+        &self,
+        src: &TcpStream,
+        src_cookie: u64,
+        dst: &TcpStream,
+        dst_base: u64,
+        dir: Dir,
+    ) -> Result<(), (End, Option<String>)> {
+        let dst_reset = |e: io::Error| match dir {
+            Dir::Up => (End::UpstreamReset, Some(format!("upstream: {e}"))),
+            Dir::Down => (End::ClientReset, Some(format!("client: {e}"))),
+        };
+        // TCP_INFO takes the socket lock, so the softirq that delivered the
+        // FIN (and ran the program on the data before it) has finished.
+        let _ = queued_total(src.as_raw_fd());
+        let target = self.sockmap.redirected(src_cookie);
+        let mut wait = Duration::from_micros(200);
+        loop {
+            if let Ok(Some(e)) = dst.take_error() {
+                return Err(dst_reset(e));
+            }
+            let queued = queued_total(dst.as_raw_fd()).map_err(dst_reset)?;
+            if queued.wrapping_sub(dst_base) >= target {
+                return shutdown_write(dst).map_err(|e| match e {
+                    super::PumpError::Read(e) | super::PumpError::Write(e) => dst_reset(e),
+                });
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Up,
+    Down,
+}
+
+/// The socket cookie: the key the program looks itself up by.
+fn cookie(fd: RawFd) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: fd is an open socket; value and len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Every byte ever put into the socket's send queue: acked + still queued.
+fn queued_total(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain old data; zero is a valid bit pattern.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: fd is an open TCP socket; info/len are valid out-pointers.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
+}
+
+fn set_rcvlowat(fd: RawFd, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: fd is an open socket; the option value is a local int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
