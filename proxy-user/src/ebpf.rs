@@ -394,6 +394,23 @@ mod tests {
         assert!(stats.redirected_segments >= 2);
     }
 
+    /// Without root (and without CAP_BPF) the reason must say so, not "map error".
+    #[test]
+    fn unprivileged_load_says_not_permitted() {
+        // SAFETY: geteuid cannot fail.
+        if OBJECT.is_empty() || unsafe { libc::geteuid() } == 0 {
+            return;
+        }
+        match load() {
+            Ok(_) => {} // granted CAP_BPF + CAP_NET_ADMIN: fine too
+            Err(e @ EbpfError::NotPermitted(_)) => {
+                eprintln!("load without root: {e}");
+                assert!(e.to_string().contains("not running as root"), "{e}");
+            }
+            Err(e) => panic!("expected NotPermitted, got: {e}"),
+        }
+    }
+
     #[test]
     fn verifier_reason_skips_statistics() {
         let log = "0: (bf) r6 = r1\n; R1 invalid mem access 'scalar'\n\
