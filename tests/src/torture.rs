@@ -733,6 +733,8 @@ pub struct Upstream {
 struct Reports {
     map: Mutex<HashMap<u64, std::result::Result<PeerReport, String>>>,
     cv: Condvar,
+    /// Connections that never delivered a complete header.
+    orphans: Mutex<Vec<String>>,
 }
 
 impl Upstream {
@@ -741,11 +743,13 @@ impl Upstream {
     pub fn start() -> Result<Upstream> {
         let reports = Arc::new(Reports::default());
         let r = reports.clone();
-        let handler: Handler = Arc::new(move |s: TcpStream| {
-            let (id, res) = serve_spec(s);
-            let mut m = r.map.lock().unwrap();
-            m.insert(id, res.map_err(|e| format!("{e:#}")));
-            r.cv.notify_all();
+        let handler: Handler = Arc::new(move |s: TcpStream| match serve_spec(s) {
+            Ok((id, res)) => {
+                let mut m = r.map.lock().unwrap();
+                m.insert(id, res.map_err(|e| format!("{e:#}")));
+                r.cv.notify_all();
+            }
+            Err(e) => r.orphans.lock().unwrap().push(e),
         });
         Self::start_inner(handler, reports)
     }
@@ -802,7 +806,18 @@ impl Upstream {
         match m.remove(&id) {
             Some(Ok(r)) => Ok(r),
             Some(Err(e)) => Err(anyhow!("upstream side: {e}")),
-            None => bail!("upstream side of tunnel {id} did not finish within {timeout:?}"),
+            None => {
+                let orphans = self.reports.orphans.lock().unwrap();
+                if orphans.is_empty() {
+                    bail!("upstream side of tunnel {id} did not finish within {timeout:?}");
+                }
+                bail!(
+                    "upstream side of tunnel {id} did not finish within {timeout:?}; meanwhile {} \
+                     upstream connection(s) never delivered the tunnel header: {}",
+                    orphans.len(),
+                    orphans.join("; ")
+                )
+            }
         }
     }
 }
@@ -817,20 +832,36 @@ impl Drop for Upstream {
     }
 }
 
-fn serve_spec(mut s: TcpStream) -> (u64, Result<PeerReport>) {
+fn serve_spec(mut s: TcpStream) -> std::result::Result<(u64, Result<PeerReport>), String> {
     let mut head = [0u8; HEADER_LEN];
-    let spec = s
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .context("set timeout")
-        .and_then(|_| s.read_exact(&mut head).context("read tunnel header"))
-        .and_then(|_| TunnelSpec::decode(&head));
-    match spec {
-        Ok(spec) => (spec.id, run_peer(s, &spec, Side::Upstream)),
-        // Nobody will ask for an unknown id; keep it visible on stderr.
-        Err(e) => {
-            eprintln!("upstream: bad connection: {e:#}");
-            (u64::MAX, Err(e))
+    let mut got = 0;
+    let t0 = Instant::now();
+    if let Err(e) = s.set_read_timeout(Some(Duration::from_secs(30))) {
+        return Err(format!("set timeout: {e}"));
+    }
+    while got < HEADER_LEN {
+        match s.read(&mut head[got..]) {
+            Ok(0) => {
+                return Err(format!(
+                    "an upstream connection got EOF after {got} of the {HEADER_LEN} header bytes \
+                     ({:?} after accept)",
+                    t0.elapsed()
+                ));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(format!(
+                    "an upstream connection failed after {got} of the {HEADER_LEN} header bytes \
+                     ({:?} after accept): {e}",
+                    t0.elapsed()
+                ));
+            }
         }
+    }
+    match TunnelSpec::decode(&head) {
+        Ok(spec) => Ok((spec.id, run_peer(s, &spec, Side::Upstream))),
+        Err(e) => Err(format!("{e:#}")),
     }
 }
 
@@ -876,7 +907,10 @@ pub fn finish_tunnel_opts(
         }),
         (Err(c), Err(u)) => Err(anyhow!("client side: {c:#}\n    upstream side: {u:#}")),
         (Err(c), Ok(_)) => Err(c.context("client side")),
-        (Ok(_), Err(u)) => Err(u),
+        (Ok(c), Err(u)) => Err(u.context(format!(
+            "client side finished: sent {} bytes ({:?}), received {} bytes ({:?})",
+            c.sent.bytes, c.sent.end, c.received.bytes, c.received.end
+        ))),
     }
 }
 
