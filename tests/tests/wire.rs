@@ -764,3 +764,63 @@ fn sigterm_grace_expiry_closes_idle_tunnels() {
         Ok(_) => panic!("data on a tunnel after the proxy exited"),
     }
 }
+
+// -------------------------------------------------------- idle timeout ----
+
+/// `--idle-timeout 1s` closes a tunnel that moved no byte for 1 s, and only
+/// that one: a tunnel with a byte each way every 200 ms lives on, and so
+/// does one where bytes flow one way only (an upload to a sink).
+#[test]
+fn idle_timeout_closes_idle_tunnels_only() {
+    let up = echo_upstream().unwrap();
+    let sink = Upstream::start_with(|mut s: TcpStream| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = std::io::copy(&mut s, &mut std::io::sink());
+    })
+    .unwrap();
+    for mode in modes() {
+        let proxy = Proxy::start_mode(&mode, &["--idle-timeout", "1s"]).unwrap();
+        let mut idle = proxy.connect_tunnel(&up.target(), None).unwrap();
+        let mut busy = proxy.connect_tunnel(&up.target(), None).unwrap();
+        let mut upload = proxy.connect_tunnel(&sink.target(), None).unwrap();
+        echo_roundtrip(&mut idle, b"hello");
+        let t0 = Instant::now();
+        let watcher = std::thread::spawn(move || {
+            idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 1];
+            match idle.read(&mut b) {
+                Ok(0) => Ok(t0.elapsed()),
+                Ok(_) => Err("data on an idle tunnel".to_string()),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    Err("idle tunnel still open after 5 s".to_string())
+                }
+                Err(_) => Ok(t0.elapsed()), // reset
+            }
+        });
+        while t0.elapsed() < Duration::from_secs(3) {
+            echo_roundtrip(&mut busy, b"x");
+            upload
+                .write_all(b"u")
+                .unwrap_or_else(|e| panic!("mode={mode}: one-way tunnel closed: {e}"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let closed = watcher.join().unwrap();
+        let closed = closed.unwrap_or_else(|e| panic!("mode={mode}: {e}"));
+        assert!(
+            closed >= Duration::from_millis(800) && closed <= Duration::from_millis(2500),
+            "mode={mode}: idle tunnel closed after {closed:?}, want about 1 s"
+        );
+        echo_roundtrip(&mut busy, b"still here");
+        // The one-way tunnel must still be open: no EOF or reset pending.
+        upload.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        match upload.read(&mut b) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => panic!("mode={mode}: the one-way (upload) tunnel was closed: {other:?}"),
+        }
+        eprintln!(
+            "mode={mode}: idle tunnel closed after {closed:?}; two-way and one-way busy tunnels \
+             alive at 3 s"
+        );
+    }
+}
