@@ -103,7 +103,10 @@ fn test(args: &[OsString]) -> Result<()> {
     build()?;
 
     let mut failed = Vec::new();
-    let mut timings = Vec::new();
+    let mut timings = vec![format!(
+        "setup+build {:.0}s",
+        started.elapsed().as_secs_f64()
+    )];
     let mut check = |name: &'static str, what: &str, cmd: &mut Command| {
         let t = Instant::now();
         if let Err(err) = run_step(what, cmd) {
