@@ -807,7 +807,7 @@ fn idle_timeout_closes_idle_tunnels_only() {
         let closed = watcher.join().unwrap();
         let closed = closed.unwrap_or_else(|e| panic!("mode={mode}: {e}"));
         assert!(
-            closed >= Duration::from_millis(800) && closed <= Duration::from_millis(2500),
+            closed >= Duration::from_millis(800) && closed <= Duration::from_secs(3),
             "mode={mode}: idle tunnel closed after {closed:?}, want about 1 s"
         );
         echo_roundtrip(&mut busy, b"still here");
