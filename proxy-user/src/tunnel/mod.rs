@@ -64,7 +64,15 @@ impl DataPath {
         upstream: &TcpStream,
     ) -> io::Result<Handoff<'a>> {
         match self {
-            DataPath::Sockmap(sm) => Ok(Handoff(Some(sm.register(client, upstream)?))),
+            DataPath::Sockmap(sm) => match sm.register(client, upstream) {
+                Ok(reg) => Ok(Handoff(Some(reg))),
+                // A socket whose remote already sent FIN cannot join a
+                // sockmap: this tunnel is forwarded by userspace instead.
+                Err(_) if !sockmap::established(client) || !sockmap::established(upstream) => {
+                    Ok(Handoff(None))
+                }
+                Err(e) => Err(e),
+            },
             DataPath::Copy | DataPath::Splice => Ok(Handoff(None)),
         }
     }
@@ -249,17 +257,17 @@ pub async fn forward(
     cancel: CancellationToken,
 ) -> Outcome {
     let progress = Progress::new();
+    let copy_path = || {
+        drive(
+            copy::pump(&client, &upstream, Dir::Up, &progress),
+            copy::pump(&upstream, &client, Dir::Down, &progress),
+            &progress,
+            idle,
+            &cancel,
+        )
+    };
     let (end, error) = match (mode, handoff.0) {
-        (Mode::Copy, _) => {
-            drive(
-                copy::pump(&client, &upstream, Dir::Up, &progress),
-                copy::pump(&upstream, &client, Dir::Down, &progress),
-                &progress,
-                idle,
-                &cancel,
-            )
-            .await
-        }
+        (Mode::Copy, _) => copy_path().await,
         (Mode::Splice, _) => {
             drive(
                 splice::pump(&client, &upstream, Dir::Up, &progress),
@@ -271,21 +279,20 @@ pub async fn forward(
             .await
         }
         (Mode::Sockmap, Some(mut reg)) => {
-            let (result, by_userspace) = match reg.arm(&client, &upstream).await {
-                Ok(n) => (reg.run(&client, &upstream, idle, &cancel).await, n),
-                Err(e) => ((End::Failed, Some(format!("arming the sockmap: {e}"))), 0),
+            let result = match reg.arm(&client, &upstream).await {
+                Ok(sockmap::Armed::Kernel) => reg.run(&client, &upstream, idle, &cancel).await,
+                Ok(sockmap::Armed::Userspace) => copy_path().await,
+                Err(e) => (End::Failed, Some(format!("arming the sockmap: {e}"))),
             };
             let (up, down) = reg.bytes();
-            progress.up.store(up + by_userspace, Ordering::Relaxed);
-            progress.down.store(down, Ordering::Relaxed);
+            progress.up.fetch_add(up, Ordering::Relaxed);
+            progress.down.fetch_add(down, Ordering::Relaxed);
             // Leave the maps before the sockets close.
             drop(reg);
             result
         }
-        (Mode::Sockmap, None) => (
-            End::Failed,
-            Some("sockmap tunnel was not registered".into()),
-        ),
+        // Half-closed before the handoff: see DataPath::register.
+        (Mode::Sockmap, None) => copy_path().await,
     };
     if matches!(end, End::ClientReset | End::UpstreamReset | End::Failed) {
         // Closing with SO_LINGER 0 sends RST: the reset reaches the other side.

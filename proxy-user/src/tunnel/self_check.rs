@@ -44,9 +44,14 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
         .register(&proxy_client, &proxy_upstream)
         .map_err(io("register"))?;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    reg.arm(&proxy_client, &proxy_upstream)
+    if reg
+        .arm(&proxy_client, &proxy_upstream)
         .await
-        .map_err(io("arm"))?;
+        .map_err(io("arm"))?
+        != super::sockmap::Armed::Kernel
+    {
+        return Err("an established pair was not armed".into());
+    }
 
     let cancel = CancellationToken::new();
     let watcher = reg.run(&proxy_client, &proxy_upstream, None, &cancel);

@@ -16,9 +16,12 @@
 //! B's queued total has grown by every byte the program redirected from A,
 //! so the FIN can never overtake data still in the kernel's redirect worker.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aya::Ebpf;
@@ -28,7 +31,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{End, shutdown_write};
+use super::{End, Progress, PumpError, shutdown_write};
 use crate::ebpf::{self, ARMED_MAP, BYTES_MAP, EbpfError, PEERS_MAP, PROGRAM_NAME};
 
 /// The loaded program and its maps, shared by all tunnels.
@@ -92,6 +95,10 @@ impl Sockmap {
             armed: false,
             base_client: 0,
             base_upstream: 0,
+            forwarded_early: 0,
+            client_armed: false,
+            upstream_armed: false,
+            userspace: Progress::new(),
         };
         {
             let mut bytes = self.bytes.lock().expect("bytes map lock");
@@ -125,6 +132,32 @@ impl Sockmap {
     }
 }
 
+type PumpFuture<'f> = Pin<Box<dyn Future<Output = Result<(), PumpError>> + Send + 'f>>;
+
+async fn run_pump(pump: &mut Option<PumpFuture<'_>>) -> Result<(), PumpError> {
+    match pump {
+        Some(p) => p.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Who forwards an armed tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Armed {
+    /// The program, for at least one socket: watch it with [`Registration::run`].
+    Kernel,
+    /// Userspace: neither socket could join the sockmap (both half-closed).
+    Userspace,
+}
+
+/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state` (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u8 = 1;
+
+/// Whether the kernel would let this socket join a sockmap.
+pub(super) fn established(s: &TcpStream) -> bool {
+    tcp_info(s.as_raw_fd()).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)
+}
+
 /// A tunnel's place in the maps; removed from all of them on drop, so no
 /// entry outlives its tunnel.
 pub struct Registration<'a> {
@@ -135,45 +168,73 @@ pub struct Registration<'a> {
     armed: bool,
     base_client: u64,
     base_upstream: u64,
+    /// Bytes userspace moved client → upstream while emptying the queue.
+    forwarded_early: u64,
+    client_armed: bool,
+    upstream_armed: bool,
+    /// Bytes userspace forwarded for a socket that could not be armed.
+    userspace: Progress,
 }
 
 impl Registration<'_> {
-    /// Step 3 of the handoff, after the 200 was written. Returns the bytes
-    /// userspace forwarded client → upstream itself while emptying the
-    /// client's receive queue.
-    pub async fn arm(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<u64> {
+    /// Step 3 of the handoff, after the 200 was written. A socket that is
+    /// no longer ESTABLISHED (its remote already sent FIN) cannot join a
+    /// sockmap: then the tunnel is left to userspace ([`Armed::Userspace`]).
+    pub async fn arm(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<Armed> {
         // Userspace read the request head from the client, possibly ending
         // inside an skb. The kernel hands whole skbs to the program
         // (tcp_read_skb ignores how much of one was already read), so a
         // partly read skb would be redirected again from its start: the
         // head and early bytes would reach upstream twice. Empty the queue
         // to a skb boundary first; whatever arrives later comes in whole skbs.
-        let forwarded = drain_into(client, upstream).await?;
+        self.forwarded_early = drain_into(client, upstream).await?;
+        if !established(client) || !established(upstream) {
+            return Ok(Armed::Userspace);
+        }
         // Nothing is armed yet, so these totals only hold what userspace wrote.
         self.base_client = queued_total(client.as_raw_fd())?;
         self.base_upstream = queued_total(upstream.as_raw_fd())?;
-        {
-            let mut armed = self.sockmap.armed.lock().expect("armed map lock");
-            self.armed = true;
-            armed
-                .insert(self.client, client.as_raw_fd(), 0)
-                .map_err(io::Error::other)?;
-            armed
-                .insert(self.upstream, upstream.as_raw_fd(), 0)
-                .map_err(io::Error::other)?;
+        self.armed = true;
+        // Each socket is armed unless its remote sent FIN since the check;
+        // then userspace forwards that socket's direction. Nothing already
+        // armed is taken out again: that could drop a segment in flight
+        // (docs/kernel-notes.md).
+        self.client_armed = self.arm_if_established(self.client, client)?;
+        self.upstream_armed = self.arm_if_established(self.upstream, upstream)?;
+        Ok(if self.client_armed || self.upstream_armed {
+            Armed::Kernel
+        } else {
+            Armed::Userspace
+        })
+    }
+
+    fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
+        match self.arm_socket(cookie, sock) {
+            Ok(()) => Ok(true),
+            Err(_) if !established(sock) => Ok(false),
+            Err(e) => Err(e),
         }
-        // Run bytes that arrived before arming through the program, in order.
-        for s in [client, upstream] {
-            set_rcvlowat(s.as_raw_fd(), 1)?;
-        }
-        Ok(forwarded)
+    }
+
+    /// Starts the verdict program on one socket and runs what it queued so
+    /// far through it (SO_RCVLOWAT makes TCP call data_ready).
+    fn arm_socket(&self, cookie: u64, sock: &TcpStream) -> io::Result<()> {
+        self.sockmap
+            .armed
+            .lock()
+            .expect("armed map lock")
+            .insert(cookie, sock.as_raw_fd(), 0)
+            .map_err(io::Error::other)?;
+        set_rcvlowat(sock.as_raw_fd(), 1)
     }
 
     /// Bytes redirected client → upstream and upstream → client.
     pub fn bytes(&self) -> (u64, u64) {
         (
-            self.sockmap.redirected(self.client),
-            self.sockmap.redirected(self.upstream),
+            self.forwarded_early
+                + self.sockmap.redirected(self.client)
+                + self.userspace.up.load(Ordering::Relaxed),
+            self.sockmap.redirected(self.upstream) + self.userspace.down.load(Ordering::Relaxed),
         )
     }
 }
@@ -277,6 +338,31 @@ impl Registration<'_> {
         cancel: &CancellationToken,
     ) -> (End, Option<String>) {
         let (mut up_done, mut down_done) = (false, false);
+        // A socket that could not be armed is read by userspace.
+        let mut up_pump: Option<PumpFuture<'_>> = (!self.client_armed).then(|| {
+            Box::pin(super::copy::pump(
+                client,
+                upstream,
+                super::Dir::Up,
+                &self.userspace,
+            )) as PumpFuture<'_>
+        });
+        let mut down_pump: Option<PumpFuture<'_>> = (!self.upstream_armed).then(|| {
+            Box::pin(super::copy::pump(
+                upstream,
+                client,
+                super::Dir::Down,
+                &self.userspace,
+            )) as PumpFuture<'_>
+        });
+        let pump_end = |e: PumpError, dir: Dir| match (e, dir) {
+            (PumpError::Read(e), Dir::Up) | (PumpError::Write(e), Dir::Down) => {
+                (End::ClientReset, Some(format!("client: {e}")))
+            }
+            (PumpError::Read(e), Dir::Down) | (PumpError::Write(e), Dir::Up) => {
+                (End::UpstreamReset, Some(format!("upstream: {e}")))
+            }
+        };
         let mut last_bytes = self.bytes();
         let mut last_change = tokio::time::Instant::now();
         let tick = idle.map_or(Duration::from_secs(3600), |d| {
@@ -284,7 +370,7 @@ impl Registration<'_> {
         });
         while !(up_done && down_done) {
             tokio::select! {
-                ev = next_event(client), if !up_done => match ev {
+                ev = next_event(client), if !up_done && self.client_armed => match ev {
                     Event::Reset(e) => return (End::ClientReset, Some(format!("client: {e}"))),
                     Event::Fin => {
                         if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up).await {
@@ -293,7 +379,7 @@ impl Registration<'_> {
                         up_done = true;
                     }
                 },
-                ev = next_event(upstream), if !down_done => match ev {
+                ev = next_event(upstream), if !down_done && self.upstream_armed => match ev {
                     Event::Reset(e) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
                     Event::Fin => {
                         if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down).await {
@@ -301,6 +387,14 @@ impl Registration<'_> {
                         }
                         down_done = true;
                     }
+                },
+                r = run_pump(&mut up_pump), if !up_done && !self.client_armed => match r {
+                    Ok(()) => up_done = true,
+                    Err(e) => return pump_end(e, Dir::Up),
+                },
+                r = run_pump(&mut down_pump), if !down_done && !self.upstream_armed => match r {
+                    Ok(()) => down_done = true,
+                    Err(e) => return pump_end(e, Dir::Down),
                 },
                 e = next_error(client), if up_done => return (End::ClientReset, Some(format!("client: {e}"))),
                 e = next_error(upstream), if down_done => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
@@ -380,8 +474,7 @@ fn cookie(fd: RawFd) -> io::Result<u64> {
     Ok(value)
 }
 
-/// Every byte ever put into the socket's send queue: acked + still queued.
-fn queued_total(fd: RawFd) -> io::Result<u64> {
+fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; zero is a valid bit pattern.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -398,6 +491,12 @@ fn queued_total(fd: RawFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Every byte ever put into the socket's send queue: acked + still queued.
+fn queued_total(fd: RawFd) -> io::Result<u64> {
+    let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer.
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
