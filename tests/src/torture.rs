@@ -1133,17 +1133,6 @@ mod tests {
         eprintln!("direct bidi: {}", run.rates());
     }
 
-    /// The harness's own ceiling: 1 GiB each way with no proxy in between.
-    /// `cargo test --release -p splice-proxy-tests --lib direct_gib -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn direct_gib() {
-        let spec = TunnelSpec::symmetric(1, 5, 1 << 30, 1 << 30);
-        let run = direct(&spec);
-        run.check().unwrap();
-        eprintln!("direct 1 GiB each way: {} in {:?}", run.rates(), run.wall());
-    }
-
     #[test]
     fn direct_half_close_both_orders() {
         for client_first in [true, false] {
@@ -1201,27 +1190,5 @@ mod tests {
         let err = format!("{:#}", finish_tunnel(s, &up, &spec).err().unwrap());
         assert!(err.contains("100 bytes LOST"), "{err}");
         assert!(err.contains("offset 4000"), "{err}");
-    }
-}
-#[cfg(test)]
-mod bench {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn microbench() {
-        let mut buf = vec![0u8; 256 << 10];
-        let p = Pattern::new(1);
-        let t = Instant::now();
-        for i in 0..4096u64 {
-            p.fill(i * (256 << 10), &mut buf);
-        }
-        eprintln!("fill 1 GiB: {:?}", t.elapsed());
-        let t = Instant::now();
-        let mut h = Sha256::new();
-        for _ in 0..4096 {
-            h.update(&buf);
-        }
-        let _ = h.finalize();
-        eprintln!("sha 1 GiB: {:?}", t.elapsed());
     }
 }

@@ -465,28 +465,6 @@ fn connect_timeout_gets_504() {
     );
 }
 
-/// `.invalid` never resolves (RFC 6761), but the lookup still goes to the
-/// configured resolver, so this is opt-in: `cargo test ... -- --ignored`.
-#[test]
-#[ignore = "sends a DNS query to the system resolver"]
-fn dns_failure_gets_502() {
-    let proxy = Proxy::start(&[
-        "--allow-dst",
-        "*.invalid",
-        "--allow-port",
-        "443",
-        "--allow-anonymous",
-        "--connect-timeout",
-        "5s",
-    ])
-    .unwrap();
-    assert_failure(
-        &proxy,
-        connect_head("no-such-host.invalid:443", &[]).as_bytes(),
-        502,
-    );
-}
-
 // ---------------------------------------------------- real clients ------
 
 #[test]
