@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::tunnel::{Mode, Outcome};
 
 /// What is known about a connection so far.
@@ -56,8 +57,12 @@ impl Record {
         (up + self.early_bytes, down)
     }
 
-    pub fn emit(&self) {
+    /// Logs the event, and counts the tunnel's end and bytes in `metrics`.
+    pub fn emit(&self, metrics: &Metrics) {
         let (bytes_up, bytes_down) = self.bytes();
+        if let Some(o) = &self.outcome {
+            metrics.tunnel_ended(self.mode, o.end, bytes_up, bytes_down);
+        }
         let end = match (&self.outcome, self.status) {
             (Some(o), _) => o.end.to_string(),
             (None, Some(_)) => "refused".to_string(),

@@ -107,6 +107,10 @@ pub struct RunArgs {
     /// Log format on stderr.
     #[arg(long = "log-format", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Serve Prometheus /metrics, /healthz and /readyz here. Off unless given.
+    #[arg(long = "metrics-listen", value_name = "ADDR:PORT", env = "SPLICE_PROXY_METRICS_LISTEN", value_parser = parse_listen)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The validated configuration of `splice-proxy run`.
@@ -127,6 +131,7 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A configuration error: a one-line message that names the flag.
@@ -157,6 +162,13 @@ impl RunArgs {
                 return Err(ConfigError(format!("--htpasswd {}: {e}", path.display())));
             }
         }
+        if let Some(m) = self.metrics_listen {
+            if listen.contains(&m) {
+                return Err(ConfigError(format!(
+                    "--metrics-listen {m}: also a --listen address"
+                )));
+            }
+        }
         let allow_port = if self.allow_port.is_empty() {
             PortSet::single(443)
         } else {
@@ -176,6 +188,7 @@ impl RunArgs {
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
+            metrics_listen: self.metrics_listen,
         })
     }
 }
@@ -284,6 +297,7 @@ mod tests {
         assert_eq!(c.mode, ModeArg::Auto);
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.metrics_listen, None);
         // Loopback without credentials: an open proxy for this host only.
         assert!(c.allow_anonymous);
         assert!(!run_args(&["--credentials", "u:p"]).unwrap().allow_anonymous);
@@ -307,6 +321,11 @@ mod tests {
             (&["--max-tunnels", "0"][..], "--max-tunnels"),
             (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
             (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
+            (&["--metrics-listen", "9090"][..], "--metrics-listen"),
+            (
+                &["--metrics-listen", "127.0.0.1:3128"][..],
+                "--metrics-listen",
+            ),
         ] {
             let e = run_args(args).unwrap_err();
             assert!(e.lines().next().unwrap().contains(flag), "{args:?}: {e}");

@@ -3,12 +3,13 @@
 //! A connection's life reads top to bottom in [`server`]: accept → read
 //! request ([`request`]) → authenticate ([`auth`]) → authorize ([`policy`])
 //! → connect ([`upstream`]) → reply → hand off to a data path ([`tunnel`])
-//! → log ([`access_log`]).
+//! → log ([`access_log`]) and count ([`metrics`]).
 
 pub mod access_log;
 pub mod auth;
 pub mod config;
 pub mod ebpf;
+pub mod metrics;
 pub mod policy;
 pub mod request;
 pub mod server;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use splice_proxy::auth::Authenticator;
 use splice_proxy::config::{Cli, Command, Config, LogFormat};
+use splice_proxy::metrics::{self, Metrics};
 use splice_proxy::server::{self, Proxy};
 use splice_proxy::tunnel;
 use splice_proxy::upstream::{Connector, SystemResolver};
@@ -136,6 +137,10 @@ async fn serve(
     selection: tunnel::Selection,
 ) -> anyhow::Result<()> {
     let listeners = server::bind(&cfg.listen).await?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     if let Some(why) = &selection.fallback_warning {
         tracing::warn!("{why}");
     }
@@ -144,16 +149,23 @@ async fn serve(
         timeout: cfg.connect_timeout,
     };
     let mode = selection.datapath.mode();
+    let metrics = Arc::new(Metrics::new(mode));
     let proxy = Arc::new(Proxy::new(
         &cfg,
         auth.clone(),
         connector,
         selection.datapath,
+        metrics.clone(),
     ));
     let stop = CancellationToken::new();
     spawn_signal_handlers(auth, stop.clone()).context("installing signal handlers")?;
+    // Listeners bound, data path chosen (and attached): ready until `stop`.
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(metrics::serve(listener, metrics, stop.clone()));
+    }
     tracing::info!(
         listen = ?cfg.listen,
+        metrics = ?cfg.metrics_listen,
         mode = %mode,
         users = auth_summary(&cfg),
         "splice-proxy ready"

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::Record;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::request::{self, RequestError, Status};
 use crate::tunnel::{self, DataPath, Handoff};
@@ -28,6 +29,7 @@ pub struct Proxy {
     pub datapath: DataPath,
     pub header_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    pub metrics: Arc<Metrics>,
     tunnels: Arc<Semaphore>,
     /// Cancelled when the shutdown grace has run out: open tunnels close.
     close_tunnels: CancellationToken,
@@ -50,6 +52,7 @@ impl Proxy {
         auth: Arc<Authenticator>,
         connector: Connector,
         datapath: DataPath,
+        metrics: Arc<Metrics>,
     ) -> Proxy {
         Proxy {
             auth,
@@ -58,6 +61,7 @@ impl Proxy {
             datapath,
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,
+            metrics,
             tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
             close_tunnels: CancellationToken::new(),
         }
@@ -65,11 +69,15 @@ impl Proxy {
 
     /// Serves one accepted connection to its end.
     async fn serve_connection(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let accepted = Instant::now();
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
         match self.handshake(&mut client, &mut record).await {
             Ok(est) => {
+                self.metrics.handshake_done(accepted.elapsed());
+                self.metrics.answered(200);
+                let _active = self.metrics.tunnel_opened(mode);
                 let outcome = tunnel::forward(
                     mode,
                     est.handoff,
@@ -84,11 +92,12 @@ impl Proxy {
             Err(refusal) => {
                 if let Some(status) = refusal {
                     record.status = Some(status.code());
+                    self.metrics.answered(status.code());
                     refuse(client, status).await;
                 }
             }
         }
-        record.emit();
+        record.emit(&self.metrics);
     }
 
     async fn handshake(
@@ -123,6 +132,7 @@ impl Proxy {
                 if let AuthError::Wrong(u) = &e {
                     record.user = Some(u.clone());
                 }
+                self.metrics.auth_failed();
                 record.error = Some(e.to_string());
                 Some(Status::ProxyAuthRequired)
             })?;
@@ -146,6 +156,7 @@ impl Proxy {
             .connect(&req.target, &self.policy)
             .await
             .map_err(|e| {
+                self.metrics.connect_failed(e.kind());
                 record.error = Some(e.to_string());
                 Some(e.status())
             })?;
@@ -323,7 +334,8 @@ mod tests {
             resolver: Arc::new(resolver),
             timeout: Duration::from_secs(2),
         };
-        let proxy = Arc::new(Proxy::new(&cfg, auth, connector, DataPath::Copy));
+        let metrics = Arc::new(Metrics::new(crate::tunnel::Mode::Copy));
+        let proxy = Arc::new(Proxy::new(&cfg, auth, connector, DataPath::Copy, metrics));
         let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).await.unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let stop = CancellationToken::new();

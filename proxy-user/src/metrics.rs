@@ -1,0 +1,590 @@
+//! Prometheus metrics: the registry, the recording functions the connection
+//! path calls, and the small HTTP endpoint `--metrics-listen` serves
+//! (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! The values are kept by `prometheus-client` and rendered in the Prometheus
+//! text format (0.0.4). Recording is always on; the endpoint only when asked.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::tunnel::{End, Mode};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    mode: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    mode: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// Every way a tunnel can end, so each series exists from the start.
+const ENDS: [End; 6] = [
+    End::Closed,
+    End::ClientReset,
+    End::UpstreamReset,
+    End::Idle,
+    End::Shutdown,
+    End::Failed,
+];
+
+/// Every `upstream::ConnectError::kind`.
+const CONNECT_ERROR_KINDS: [&str; 4] = ["dns", "refused", "timeout", "denied"];
+
+/// Handshake latency buckets, seconds: loopback connects to slow DNS.
+const HANDSHAKE_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The proxy's metrics. One per process, shared through an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    tunnels_active: Family<ModeLabels, Gauge>,
+    tunnels: Family<TunnelLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    requests: Family<StatusLabels, Counter>,
+    auth_failures: Counter,
+    connect_errors: Family<KindLabels, Counter>,
+    handshake: Histogram,
+}
+
+impl Metrics {
+    /// Metrics for a proxy whose tunnels use `mode`.
+    pub fn new(mode: Mode) -> Metrics {
+        let m = Metrics {
+            registry: Registry::default(),
+            tunnels_active: Family::default(),
+            tunnels: Family::default(),
+            bytes: Family::default(),
+            requests: Family::default(),
+            auth_failures: Counter::default(),
+            connect_errors: Family::default(),
+            handshake: Histogram::new(HANDSHAKE_BUCKETS),
+        };
+        let mode_s = mode.to_string();
+        // Series for the chosen data path exist (at 0) before the first tunnel.
+        let _ = m.tunnels_active.get_or_create(&ModeLabels {
+            mode: mode_s.clone(),
+        });
+        for end in ENDS {
+            let _ = m.tunnels.get_or_create(&TunnelLabels {
+                mode: mode_s.clone(),
+                outcome: end.to_string(),
+            });
+        }
+        for direction in ["up", "down"] {
+            let _ = m.bytes.get_or_create(&BytesLabels {
+                mode: mode_s.clone(),
+                direction,
+            });
+        }
+        for kind in CONNECT_ERROR_KINDS {
+            let _ = m.connect_errors.get_or_create(&KindLabels { kind });
+        }
+        let mut registry = m.registry;
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "splice_proxy_tunnels_active",
+            "Tunnels open now, by data path",
+            m.tunnels_active.clone(),
+        );
+        registry.register(
+            "splice_proxy_tunnels",
+            "Tunnels that ended, by data path and how they ended",
+            m.tunnels.clone(),
+        );
+        registry.register(
+            "splice_proxy_bytes",
+            "Bytes forwarded by ended tunnels (up = client to upstream, down = upstream to client)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "splice_proxy_requests",
+            "Requests answered, by HTTP status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "splice_proxy_auth_failures",
+            "Requests refused with 407 (missing, malformed or wrong credentials)",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "splice_proxy_upstream_connect_errors",
+            "Failed upstream connects, by kind (dns, refused, timeout, denied)",
+            m.connect_errors.clone(),
+        );
+        registry.register(
+            "splice_proxy_handshake_seconds",
+            "Time from accept to the 200 written",
+            m.handshake.clone(),
+        );
+        // An info metric is rendered `<name>_info{...} 1`.
+        registry.register(
+            "splice_proxy",
+            "The data path tunnels use",
+            Info::new([("mode", mode_s)]),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A tunnel starts forwarding; it counts as active until the guard drops.
+    pub fn tunnel_opened(&self, mode: Mode) -> ActiveTunnel {
+        let gauge = self.tunnels_active.get_or_create_owned(&ModeLabels {
+            mode: mode.to_string(),
+        });
+        gauge.inc();
+        ActiveTunnel(gauge)
+    }
+
+    /// The 200 has been written, `elapsed` after the accept.
+    pub fn handshake_done(&self, elapsed: Duration) {
+        self.handshake.observe(elapsed.as_secs_f64());
+    }
+
+    /// A request was refused with 407.
+    pub fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// Connecting upstream failed; `kind` is `ConnectError::kind`.
+    pub fn connect_failed(&self, kind: &'static str) {
+        self.connect_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// A request was answered with `status` (200 included).
+    pub fn answered(&self, status: u16) {
+        self.requests.get_or_create(&StatusLabels { status }).inc();
+    }
+
+    /// A tunnel ended with `end` after moving these bytes.
+    pub fn tunnel_ended(&self, mode: Mode, end: End, bytes_up: u64, bytes_down: u64) {
+        let mode = mode.to_string();
+        self.tunnels
+            .get_or_create(&TunnelLabels {
+                mode: mode.clone(),
+                outcome: end.to_string(),
+            })
+            .inc();
+        for (direction, n) in [("up", bytes_up), ("down", bytes_down)] {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    mode: mode.clone(),
+                    direction,
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Counts one tunnel in `splice_proxy_tunnels_active` while it lives.
+pub struct ActiveTunnel(Gauge);
+
+impl Drop for ActiveTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+// ------------------------------------------------------------ endpoint ----
+
+/// Largest request head the endpoint reads.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time one endpoint connection may take, request and response.
+const CONN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Endpoint connections served at once; more are closed at accept.
+const MAX_CONNS: usize = 64;
+
+/// Binds the endpoint's listener; an error names the flag.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)
+        .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+    Ok(sock.listen(64)?)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the
+/// process exits (it keeps answering during the shutdown drain).
+///
+/// Start it once the proxy listeners are bound and the data path is chosen:
+/// `/readyz` is 200 from then on, and 503 as soon as `stopping` fires.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stopping: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNS));
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            // EMFILE and friends: the proxy's accept loop logs them.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: closed
+        };
+        let (metrics, stopping) = (metrics.clone(), stopping.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONN_TIMEOUT, answer(conn, &metrics, &stopping)).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Reads one request, writes one response, closes.
+async fn answer(mut conn: TcpStream, metrics: &Metrics, stopping: &CancellationToken) {
+    let response = match read_head(&mut conn).await {
+        Ok(Some((method, path))) => route(&method, &path, metrics, stopping),
+        Ok(None) => return, // closed before a complete head
+        Err(status) => Response::text(status, ""),
+    };
+    if conn.write_all(&response.to_bytes()).await.is_ok() {
+        let _ = conn.shutdown().await;
+    }
+}
+
+/// The method and path of a request head; `Err` is the status to answer.
+async fn read_head(conn: &mut TcpStream) -> Result<Option<(String, String)>, u16> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = conn.read(&mut chunk).await.map_err(|_| 400u16)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = req.method.unwrap_or_default().to_string();
+                let path = req.path.unwrap_or_default().to_string();
+                return Ok(Some((method, path)));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(431),
+            Err(httparse::Error::TooManyHeaders) => return Err(431),
+            Err(_) => return Err(400),
+        }
+    }
+}
+
+fn route(method: &str, path: &str, metrics: &Metrics, stopping: &CancellationToken) -> Response {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if !known {
+        return Response::text(404, "not found\n");
+    }
+    if method != "GET" {
+        return Response {
+            allow_get: true,
+            ..Response::text(405, "method not allowed\n")
+        };
+    }
+    match path {
+        "/metrics" => Response {
+            status: 200,
+            content_type: prometheus_text::CONTENT_TYPE,
+            body: metrics.render(),
+            allow_get: false,
+        },
+        "/healthz" => Response::text(200, "ok\n"),
+        _ if stopping.is_cancelled() => Response::text(503, "shutting down\n"),
+        _ => Response::text(200, "ready\n"),
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+    allow_get: bool,
+}
+
+impl Response {
+    fn text(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.to_string(),
+            allow_get: false,
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
+            _ => "Error",
+        };
+        let allow = if self.allow_get { "Allow: GET\r\n" } else { "" };
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
+            self.status,
+            self.content_type,
+            self.body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(self.body.as_bytes());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
+            .map(|(_, v)| v.parse().unwrap())
+    }
+
+    #[test]
+    fn names_labels_and_values() {
+        let m = Metrics::new(Mode::Splice);
+        let t = m.render();
+        // Present at zero before anything happened.
+        assert_eq!(
+            sample(&t, r#"splice_proxy_tunnels_active{mode="splice"}"#),
+            Some(0.0)
+        );
+        for end in ENDS {
+            let s = format!(r#"splice_proxy_tunnels_total{{mode="splice",outcome="{end}"}}"#);
+            assert_eq!(sample(&t, &s), Some(0.0), "{s}\n{t}");
+        }
+        assert_eq!(sample(&t, r#"splice_proxy_info{mode="splice"}"#), Some(1.0));
+        assert_eq!(sample(&t, "splice_proxy_auth_failures_total"), Some(0.0));
+        for kind in CONNECT_ERROR_KINDS {
+            let s = format!(r#"splice_proxy_upstream_connect_errors_total{{kind="{kind}"}}"#);
+            assert_eq!(sample(&t, &s), Some(0.0), "{s}\n{t}");
+        }
+        assert!(
+            t.contains("# TYPE splice_proxy_tunnels_total counter\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE splice_proxy_tunnels_active gauge\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE splice_proxy_handshake_seconds histogram\n"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE splice_proxy_info gauge\n"), "{t}");
+
+        let active = m.tunnel_opened(Mode::Splice);
+        m.handshake_done(Duration::from_millis(3));
+        m.answered(200);
+        m.answered(407);
+        m.answered(407);
+        m.auth_failed();
+        m.connect_failed("refused");
+        let t = m.render();
+        assert_eq!(
+            sample(&t, r#"splice_proxy_tunnels_active{mode="splice"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, r#"splice_proxy_requests_total{status="200"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, r#"splice_proxy_requests_total{status="407"}"#),
+            Some(2.0)
+        );
+        assert_eq!(sample(&t, "splice_proxy_auth_failures_total"), Some(1.0));
+        assert_eq!(
+            sample(
+                &t,
+                r#"splice_proxy_upstream_connect_errors_total{kind="refused"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "splice_proxy_handshake_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, r#"splice_proxy_handshake_seconds_bucket{le="0.0025"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&t, r#"splice_proxy_handshake_seconds_bucket{le="0.005"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, r#"splice_proxy_handshake_seconds_bucket{le="+Inf"}"#),
+            Some(1.0)
+        );
+
+        drop(active);
+        m.tunnel_ended(Mode::Splice, End::UpstreamReset, 10, 20);
+        m.tunnel_ended(Mode::Splice, End::Closed, 1, 2);
+        let t = m.render();
+        assert_eq!(
+            sample(&t, r#"splice_proxy_tunnels_active{mode="splice"}"#),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                r#"splice_proxy_tunnels_total{mode="splice",outcome="upstream_reset"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                r#"splice_proxy_tunnels_total{mode="splice",outcome="closed"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                r#"splice_proxy_bytes_total{mode="splice",direction="up"}"#
+            ),
+            Some(11.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                r#"splice_proxy_bytes_total{mode="splice",direction="down"}"#
+            ),
+            Some(22.0)
+        );
+    }
+
+    async fn endpoint() -> (SocketAddr, CancellationToken) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stopping = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new(Mode::Copy));
+        tokio::spawn(serve(listener, metrics, stopping.clone()));
+        (addr, stopping)
+    }
+
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn status_line(response: &str) -> &str {
+        response.lines().next().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn endpoint_routes() {
+        let (addr, stopping) = endpoint().await;
+        let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let r = exchange(addr, get("/metrics").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 200 OK");
+        assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+        assert!(r.contains("Connection: close\r\n"), "{r}");
+        assert!(r.contains("\r\n\r\n# HELP "), "{r}");
+        assert!(r.contains(r#"splice_proxy_info{mode="copy"} 1"#), "{r}");
+        let r = exchange(addr, get("/healthz").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 200 OK");
+        assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
+        let r = exchange(addr, get("/readyz").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 200 OK");
+        let r = exchange(addr, get("/").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 404 Not Found");
+        let r = exchange(addr, get("/metricsx").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 404 Not Found");
+        let r = exchange(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(status_line(&r), "HTTP/1.1 405 Method Not Allowed");
+        assert!(r.contains("Allow: GET\r\n"), "{r}");
+        let r = exchange(addr, b"\x16\x03\x01 not http\r\n\r\n").await;
+        assert_eq!(status_line(&r), "HTTP/1.1 400 Bad Request");
+        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        let r = exchange(addr, huge.as_bytes()).await;
+        assert_eq!(
+            status_line(&r),
+            "HTTP/1.1 431 Request Header Fields Too Large"
+        );
+        // Split across writes.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /heal").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.write_all(b"thz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert_eq!(status_line(&out), "HTTP/1.1 200 OK");
+
+        stopping.cancel();
+        let r = exchange(addr, get("/readyz").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 503 Service Unavailable");
+        let r = exchange(addr, get("/healthz").as_bytes()).await;
+        assert_eq!(status_line(&r), "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn silent_or_slow_clients_do_not_hold_the_endpoint() {
+        let (addr, _stopping) = endpoint().await;
+        // Closing without a request gets no response.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty());
+        // A silent client is closed at the connection timeout.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty());
+        assert!(started.elapsed() >= CONN_TIMEOUT - Duration::from_millis(100));
+    }
+}
