@@ -318,6 +318,18 @@ fn splice_mode_counts_exactly() {
     counts_exactly("splice");
 }
 
+/// Sockmap byte counts come from the eBPF program's counters: the same exact
+/// deltas, where `splice-proxy probe` says sockmap loads here.
+#[test]
+fn sockmap_mode_counts_exactly_where_it_loads() {
+    let (_, _, probe) = run_cli(&["probe"], Duration::from_secs(30)).unwrap();
+    if !probe.contains("sockmap experimental: loads") {
+        eprintln!("skipped: sockmap does not load here: {probe}");
+        return;
+    }
+    counts_exactly("sockmap");
+}
+
 #[test]
 fn metrics_listen_errors_exit_2_naming_the_flag() {
     let listen = format!("127.0.0.1:{}", free_port());
