@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | run | test`: the project's own entry points, so a fresh machine
 //! and CI do exactly what a developer does.
 
+mod bench;
 mod setup;
 mod util;
 
@@ -41,6 +42,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Build, then compare splice-proxy's data paths with no proxy, squid and tinyproxy:
+    /// throughput, CPU per GB, handshakes, latency, idle memory (docs/benchmarks.md).
+    Bench(bench::Opts),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Task::Build => build(),
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
+        Task::Bench(opts) => bench(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +101,23 @@ fn run(args: &[OsString]) -> Result<()> {
     // Replace this process so signals (Ctrl-C, SIGTERM, SIGHUP) reach the proxy directly.
     let err = std::os::unix::process::CommandExt::exec(&mut cmd);
     Err(err).with_context(|| format!("exec {}", bin.display()))
+}
+
+fn bench(opts: &bench::Opts) -> Result<()> {
+    // SPLICE_PROXY_BIN benchmarks that binary as it is; otherwise build the release one.
+    let bin = match std::env::var_os("SPLICE_PROXY_BIN") {
+        Some(bin) => {
+            setup::run()?;
+            PathBuf::from(bin)
+        }
+        None => {
+            build()?;
+            release_binary()
+        }
+    };
+    let report = bench::run(opts, &bin)?;
+    println!("{}", report.text());
+    report.check()
 }
 
 fn test(args: &[OsString]) -> Result<()> {

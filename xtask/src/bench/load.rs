@@ -1,0 +1,471 @@
+//! The load side of the bench: a sink that every tunnel ends at, and the clients that drive
+//! each scenario through a target. Plain std threads and blocking sockets.
+//!
+//! Every connection to the sink starts with a one-byte tag that says what the sink does with it:
+//! `S` + u64 length: read exactly that many bytes, answer one byte (so a transfer is complete
+//! without relying on half-close, which squid and tinyproxy do not honour); `E`: echo until EOF;
+//! `H`: hold the connection open (idle tunnels). A connection that sends nothing (handshake
+//! scenario) is closed when the client goes away.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Barrier, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::sys;
+
+const CHUNK: usize = 256 * 1024;
+/// Sink connections served at once (the handshake scenario keeps up to one per client open).
+const ACCEPTORS: usize = 128;
+
+/// Where a client connects: straight to the sink, or through a CONNECT proxy.
+#[derive(Clone)]
+pub enum Endpoint {
+    Direct,
+    Proxy {
+        addr: SocketAddr,
+        /// `Proxy-Authorization` header value (`Basic <base64>`).
+        auth: String,
+    },
+}
+
+/// The far end of every tunnel.
+pub struct Sink {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+    held_count: Arc<AtomicUsize>,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn start() -> Result<Sink> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("bind the sink")?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let held_count = Arc::new(AtomicUsize::new(0));
+        // A fixed set of threads that each accept and serve one connection at a time: spawning
+        // a thread per connection could not keep up with the handshake scenario.
+        let mut acceptors = Vec::new();
+        for i in 0..ACCEPTORS {
+            let (l, s, h, c) = (
+                listener.try_clone()?,
+                stop.clone(),
+                held.clone(),
+                held_count.clone(),
+            );
+            acceptors.push(
+                thread::Builder::new()
+                    .name(format!("sink-{i}"))
+                    .stack_size(256 * 1024)
+                    .spawn(move || accept_loop(l, s, h, c))?,
+            );
+        }
+        Ok(Sink {
+            addr,
+            stop,
+            held,
+            held_count,
+            acceptors,
+        })
+    }
+
+    /// Connections currently held open by `H`.
+    pub fn held(&self) -> usize {
+        self.held_count.load(Ordering::SeqCst)
+    }
+
+    pub fn release_held(&self) {
+        let mut held = self.held.lock().unwrap();
+        held.clear();
+        self.held_count.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.release_held();
+        let wake: Vec<_> = (0..ACCEPTORS)
+            .filter_map(|_| TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).ok())
+            .collect();
+        for t in self.acceptors.drain(..) {
+            let _ = t.join();
+        }
+        drop(wake);
+        self.release_held();
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+    held_count: Arc<AtomicUsize>,
+) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(conn) = conn else {
+            // EMFILE and the like: back off instead of spinning.
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let _ = serve(conn, &held, &held_count);
+    }
+}
+
+fn serve(
+    mut conn: TcpStream,
+    held: &Mutex<Vec<TcpStream>>,
+    held_count: &AtomicUsize,
+) -> io::Result<()> {
+    conn.set_nodelay(true)?;
+    let mut tag = [0u8; 1];
+    if conn.read(&mut tag)? == 0 {
+        return Ok(());
+    }
+    match tag[0] {
+        b'S' => {
+            let mut len = [0u8; 8];
+            conn.read_exact(&mut len)?;
+            let mut left = u64::from_be_bytes(len);
+            let mut buf = vec![0u8; CHUNK];
+            while left > 0 {
+                let want = buf.len().min(left as usize);
+                let n = conn.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                left -= n as u64;
+            }
+            conn.write_all(b"k")?;
+            // Wait for the client to close so the tunnel ends from its side.
+            let _ = conn.read(&mut buf);
+        }
+        b'E' => {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                conn.write_all(&buf[..n])?;
+            }
+        }
+        b'H' => {
+            held.lock().unwrap().push(conn);
+            held_count.fetch_add(1, Ordering::SeqCst);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Opens a connection to the sink through `ep` and returns it positioned after the 200.
+pub fn open(ep: &Endpoint, sink: SocketAddr) -> Result<TcpStream> {
+    match ep {
+        Endpoint::Direct => {
+            let s = TcpStream::connect(sink).context("connect to the sink")?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        }
+        Endpoint::Proxy { addr, auth } => {
+            let mut s = TcpStream::connect(addr).context("connect to the proxy")?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let req = format!(
+                "CONNECT {sink} HTTP/1.1\r\nHost: {sink}\r\nProxy-Authorization: {auth}\r\n\r\n"
+            );
+            s.write_all(req.as_bytes())?;
+            // The sink never speaks first, so everything up to the blank line is the reply.
+            let mut head = Vec::with_capacity(256);
+            let mut buf = [0u8; 512];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).context("read the CONNECT reply")?;
+                if n == 0 {
+                    bail!(
+                        "proxy closed before the reply ended: {:?}",
+                        String::from_utf8_lossy(&head)
+                    );
+                }
+                head.extend_from_slice(&buf[..n]);
+                if head.len() > 16 * 1024 {
+                    bail!("CONNECT reply head too long");
+                }
+            }
+            let status = head.split(|&b| b == b' ').nth(1).unwrap_or(b"");
+            if status != b"200" {
+                let line = head.split(|&b| b == b'\r').next().unwrap_or(b"");
+                bail!("CONNECT refused: {}", String::from_utf8_lossy(line));
+            }
+            s.set_read_timeout(None)?;
+            Ok(s)
+        }
+    }
+}
+
+/// Closes with a reset: the handshake scenario would otherwise fill the port range with
+/// TIME_WAIT sockets.
+fn close_now(s: TcpStream) {
+    let _ = sys::set_linger_zero(&s);
+    drop(s);
+}
+
+/// CPU counters around a timed section.
+pub struct CpuSnap {
+    total: u64,
+    proxy: Option<u64>,
+}
+
+impl CpuSnap {
+    pub fn take(pid: Option<u32>) -> CpuSnap {
+        CpuSnap {
+            total: sys::cpu_busy_ticks(),
+            proxy: pid.map(sys::process_ticks),
+        }
+    }
+    /// (total CPU seconds over all CPUs, proxy process CPU seconds) since `self`.
+    pub fn since(&self, pid: Option<u32>) -> (f64, Option<f64>) {
+        let now = CpuSnap::take(pid);
+        let hz = sys::clock_ticks() as f64;
+        let total = now.total.saturating_sub(self.total) as f64 / hz;
+        let proxy = match (self.proxy, now.proxy) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / hz),
+            _ => None,
+        };
+        (total, proxy)
+    }
+}
+
+pub struct StreamResult {
+    pub secs: f64,
+    pub bytes: u64,
+    pub total_cpu: f64,
+    pub proxy_cpu: Option<f64>,
+}
+
+/// `streams` tunnels at once, `bytes` in total split among them, client → sink.
+pub fn stream(
+    ep: &Endpoint,
+    sink: SocketAddr,
+    bytes: u64,
+    streams: usize,
+    pid: Option<u32>,
+) -> Result<StreamResult> {
+    let per = bytes / streams as u64;
+    let conns = (0..streams)
+        .map(|_| open(ep, sink))
+        .collect::<Result<Vec<_>>>()?;
+    let barrier = Arc::new(Barrier::new(streams + 1));
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let barrier = barrier.clone();
+            thread::spawn(move || -> io::Result<()> {
+                let buf = vec![0x5au8; CHUNK];
+                let mut head = [0u8; 9];
+                head[0] = b'S';
+                head[1..].copy_from_slice(&per.to_be_bytes());
+                barrier.wait();
+                c.write_all(&head)?;
+                let mut left = per;
+                while left > 0 {
+                    let n = buf.len().min(left as usize);
+                    c.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                let mut ack = [0u8; 1];
+                c.read_exact(&mut ack)?;
+                c.shutdown(Shutdown::Both).ok();
+                Ok(())
+            })
+        })
+        .collect();
+    barrier.wait();
+    let cpu = CpuSnap::take(pid);
+    let started = Instant::now();
+    let mut first_err = None;
+    for w in workers {
+        if let Err(e) = w.join().expect("stream worker panicked") {
+            first_err.get_or_insert(e);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (total_cpu, proxy_cpu) = cpu.since(pid);
+    if let Some(e) = first_err {
+        return Err(e).context("stream transfer");
+    }
+    Ok(StreamResult {
+        secs,
+        bytes: per * streams as u64,
+        total_cpu,
+        proxy_cpu,
+    })
+}
+
+pub struct Latencies {
+    pub count: usize,
+    pub errors: usize,
+    pub secs: f64,
+    /// Sorted, microseconds.
+    pub micros: Vec<u32>,
+}
+
+impl Latencies {
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.secs
+    }
+    pub fn pct(&self, p: f64) -> f64 {
+        if self.micros.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.micros.len() - 1) as f64 * p).round() as usize;
+        self.micros[i] as f64
+    }
+}
+
+/// `clients` threads, each opening and closing tunnels back to back for `dur`.
+pub fn handshakes(
+    ep: &Endpoint,
+    sink: SocketAddr,
+    clients: usize,
+    dur: Duration,
+) -> Result<Latencies> {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (ep, barrier, stop) = (ep.clone(), barrier.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut lat = Vec::with_capacity(4096);
+                let mut errors = 0usize;
+                let mut last_err = None;
+                barrier.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match open(&ep, sink) {
+                        Ok(s) => {
+                            lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            close_now(s);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            last_err = Some(e);
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+                (lat, errors, last_err)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    let mut micros = Vec::new();
+    let mut errors = 0;
+    let mut last_err = None;
+    for w in workers {
+        let (l, e, le) = w.join().expect("handshake worker panicked");
+        micros.extend(l);
+        errors += e;
+        if le.is_some() {
+            last_err = le;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    micros.sort_unstable();
+    if micros.is_empty() {
+        let e = last_err.unwrap_or_else(|| anyhow::anyhow!("no handshake completed"));
+        return Err(e).context("handshake scenario");
+    }
+    Ok(Latencies {
+        count: micros.len(),
+        errors,
+        secs,
+        micros,
+    })
+}
+
+/// One tunnel, `size`-byte messages echoed by the sink, back to back for `dur`.
+pub fn ping_pong(ep: &Endpoint, sink: SocketAddr, size: usize, dur: Duration) -> Result<Latencies> {
+    let mut c = open(ep, sink)?;
+    c.write_all(b"E")?;
+    let msg = vec![0x42u8; size];
+    let mut back = vec![0u8; size];
+    // Warm up the path (and, for sockmap, the redirect) before timing.
+    for _ in 0..10 {
+        c.write_all(&msg)?;
+        c.read_exact(&mut back)?;
+    }
+    let mut micros = Vec::with_capacity(100_000);
+    let started = Instant::now();
+    while started.elapsed() < dur {
+        let t = Instant::now();
+        c.write_all(&msg)?;
+        c.read_exact(&mut back).context("ping-pong echo")?;
+        micros.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    close_now(c);
+    micros.sort_unstable();
+    Ok(Latencies {
+        count: micros.len(),
+        errors: 0,
+        secs,
+        micros,
+    })
+}
+
+pub struct IdleResult {
+    pub tunnels: usize,
+    /// Userspace RSS growth of the proxy process, KiB per tunnel.
+    pub rss_kib_per_tunnel: f64,
+    /// Growth of the kernel's TCP memory (all sockets on the host, both ends), KiB per tunnel.
+    pub tcp_mem_kib_per_tunnel: f64,
+}
+
+/// Opens `n` tunnels that stay idle, measures, closes them.
+pub fn idle(ep: &Endpoint, sink: &Sink, n: usize, pid: u32) -> Result<IdleResult> {
+    sink.release_held();
+    thread::sleep(Duration::from_millis(200));
+    let rss0 = sys::rss_kib(pid);
+    let mem0 = sys::tcp_mem_pages();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = open(ep, sink.addr).with_context(|| format!("idle tunnel {i}"))?;
+        c.write_all(b"H")?;
+        conns.push(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.held() < n {
+        if Instant::now() > deadline {
+            bail!("only {} of {n} idle tunnels reached the sink", sink.held());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(300));
+    let rss1 = sys::rss_kib(pid);
+    let mem1 = sys::tcp_mem_pages();
+    for c in conns {
+        close_now(c);
+    }
+    sink.release_held();
+    Ok(IdleResult {
+        tunnels: n,
+        rss_kib_per_tunnel: (rss1 as f64 - rss0 as f64) / n as f64,
+        tcp_mem_kib_per_tunnel: (mem1 as f64 - mem0 as f64) * sys::page_kib() / n as f64,
+    })
+}

@@ -1,0 +1,371 @@
+//! Medians, ratios to direct, and the three outputs: terminal/markdown table, JSON, SVG.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use super::{Opts, Outcome, Sample, targets};
+
+/// median, min, max
+#[derive(Clone, Copy)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+fn stat(values: &[f64]) -> Stat {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Stat {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    }
+}
+
+/// Metrics shown per scenario, in order: (key, column title, decimals).
+fn columns(scenario: &str) -> &'static [(&'static str, &'static str, usize)] {
+    match scenario {
+        "stream1" | "stream8" => &[
+            ("gbit_s", "Gbit/s", 1),
+            ("total_cpu_s_per_gb", "total CPU s/GB", 2),
+            ("proxy_cpu_s_per_gb", "proxy CPU s/GB", 2),
+        ],
+        "handshake" => &[
+            ("per_s", "handshakes/s", 0),
+            ("p50_ms", "p50 ms", 2),
+            ("p99_ms", "p99 ms", 2),
+            ("errors", "errors", 0),
+        ],
+        "pingpong" => &[
+            ("per_s", "transactions/s", 0),
+            ("p50_us", "p50 µs", 0),
+            ("p99_us", "p99 µs", 0),
+        ],
+        "idle" => &[
+            ("rss_kib_per_tunnel", "proxy RSS KiB/tunnel", 2),
+            ("tcp_mem_kib_per_tunnel", "kernel TCP mem KiB/tunnel", 2),
+        ],
+        _ => &[],
+    }
+}
+
+fn title(scenario: &str, opts: &Opts) -> String {
+    let mib = opts.bytes() >> 20;
+    match scenario {
+        "stream1" => format!("1 stream, {mib} MiB client → sink"),
+        "stream8" => format!("8 parallel streams, {mib} MiB in total"),
+        "handshake" => format!(
+            "CONNECT handshakes, {} concurrent clients, {:.1} s (direct: TCP connect only)",
+            opts.clients,
+            opts.dur().as_secs_f64()
+        ),
+        "pingpong" => format!(
+            "1-byte ping-pong on one tunnel, {:.1} s",
+            opts.dur().as_secs_f64()
+        ),
+        "idle" => format!("{} idle tunnels", opts.idle_tunnels()),
+        _ => scenario.to_string(),
+    }
+}
+
+pub struct Report {
+    targets: Vec<&'static str>,
+    scenarios: Vec<&'static str>,
+    outcome: Outcome,
+    titles: Vec<String>,
+    options: Value,
+}
+
+impl Report {
+    pub fn new(
+        opts: &Opts,
+        targets: &[&'static str],
+        scenarios: &[&'static str],
+        outcome: Outcome,
+    ) -> Report {
+        Report {
+            targets: targets.to_vec(),
+            scenarios: scenarios.to_vec(),
+            titles: scenarios.iter().map(|s| title(s, opts)).collect(),
+            outcome,
+            options: json!({
+                "quick": opts.quick,
+                "rounds": opts.rounds(),
+                "bytes_per_transfer": opts.bytes(),
+                "seconds_per_timed_scenario": opts.dur().as_secs_f64(),
+                "idle_tunnels": opts.idle_tunnels(),
+                "handshake_clients": opts.clients,
+            }),
+        }
+    }
+
+    fn samples(&self, scenario: &str, target: &str) -> &[Sample] {
+        self.outcome
+            .samples
+            .get(&(scenario.to_string(), target.to_string()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    pub fn stat(&self, scenario: &str, target: &str, metric: &str) -> Option<Stat> {
+        let v: Vec<f64> = self
+            .samples(scenario, target)
+            .iter()
+            .filter_map(|s| s.get(metric).copied())
+            .collect();
+        (!v.is_empty()).then(|| stat(&v))
+    }
+
+    /// What a scenario's ratio column compares against: direct, except for handshakes, whose
+    /// goal is stated against squid (direct there is a bare TCP connect).
+    fn reference(&self, scenario: &str) -> &'static str {
+        if scenario == "handshake" && self.targets.contains(&"squid") {
+            "squid"
+        } else {
+            "direct"
+        }
+    }
+
+    fn vs(&self, reference: &str, scenario: &str, target: &str, metric: &str) -> Option<f64> {
+        let d = self.stat(scenario, reference, metric)?.median;
+        let t = self.stat(scenario, target, metric)?.median;
+        (d != 0.0).then(|| t / d)
+    }
+
+    fn error(&self, scenario: &str, target: &str) -> Option<&String> {
+        self.outcome
+            .errors
+            .get(&(scenario.to_string(), target.to_string()))
+    }
+
+    pub fn json(&self) -> Value {
+        let mut results = Vec::new();
+        for &s in &self.scenarios {
+            for &t in &self.targets {
+                let mut metrics = serde_json::Map::new();
+                for &(m, _, _) in columns(s) {
+                    if let Some(st) = self.stat(s, t, m) {
+                        metrics.insert(
+                            m.to_string(),
+                            json!({
+                                "median": st.median, "min": st.min, "max": st.max,
+                                "vs_direct": self.vs("direct", s, t, m),
+                                "vs_squid": self.vs("squid", s, t, m),
+                            }),
+                        );
+                    }
+                }
+                if let Some(st) = self.stat(s, t, "tunnels") {
+                    metrics.insert("tunnels".into(), json!({"median": st.median}));
+                }
+                let samples = self.samples(s, t);
+                if samples.is_empty() && self.error(s, t).is_none() {
+                    continue; // not applicable (idle on direct)
+                }
+                results.push(json!({
+                    "scenario": s,
+                    "target": t,
+                    "label": targets::label(t),
+                    "metrics": metrics,
+                    "samples": samples,
+                    "error": self.error(s, t),
+                }));
+            }
+        }
+        json!({
+            "machine": machine(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "options": self.options,
+            "cpu_note": "total CPU = user+nice+system+irq+softirq over all CPUs from /proc/stat \
+                         (client, sink and proxy included); proxy CPU = utime+stime of the proxy \
+                         process from /proc/PID/stat; GB = 1e9 bytes",
+            "results": results,
+        })
+    }
+
+    /// Markdown tables (readable on a terminal too).
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for (i, &s) in self.scenarios.iter().enumerate() {
+            let _ = writeln!(out, "\n### {s}: {}\n", self.titles[i]);
+            let cols = columns(s);
+            let reference = self.reference(s);
+            let mut head = String::from("| target |");
+            let mut rule = String::from("|---|");
+            for &(_, name, _) in cols {
+                let _ = write!(head, " {name} | ×{reference} |");
+                rule.push_str("---:|---:|");
+            }
+            let _ = writeln!(out, "{head}\n{rule}");
+            for &t in &self.targets {
+                if let Some(e) = self.error(s, t) {
+                    let first = e.lines().next().unwrap_or("");
+                    let _ = writeln!(out, "| {} | failed: {first} |", targets::label(t));
+                    continue;
+                }
+                if self.samples(s, t).is_empty() {
+                    continue;
+                }
+                let mut row = format!("| {} |", targets::label(t));
+                for &(m, _, dec) in cols {
+                    match self.stat(s, t, m) {
+                        Some(st) if st.min != st.max => {
+                            let _ = write!(
+                                row,
+                                " {:.dec$} ({:.dec$}–{:.dec$}) |",
+                                st.median, st.min, st.max
+                            );
+                        }
+                        Some(st) => {
+                            let _ = write!(row, " {:.dec$} |", st.median);
+                        }
+                        None => row.push_str(" – |"),
+                    }
+                    match self.vs(reference, s, t, m) {
+                        Some(r) if t != reference && m != "errors" && s != "idle" => {
+                            let _ = write!(row, " {r:.2}× |");
+                        }
+                        _ => row.push_str(" |"),
+                    }
+                }
+                let _ = writeln!(out, "{row}");
+            }
+        }
+        out
+    }
+
+    /// Three bar panels: single-stream Gbit/s, single-stream total CPU s/GB, handshakes/s.
+    pub fn svg(&self) -> String {
+        let panels: [(&str, &str, &str); 3] = [
+            ("stream1", "gbit_s", "1 stream: Gbit/s (higher is better)"),
+            (
+                "stream1",
+                "total_cpu_s_per_gb",
+                "1 stream: total CPU s/GB (lower is better)",
+            ),
+            (
+                "handshake",
+                "per_s",
+                "CONNECT handshakes/s (higher is better)",
+            ),
+        ];
+        let colors = [
+            "#7f7f7f", "#9ecae1", "#3182bd", "#e6550d", "#31a354", "#756bb1",
+        ];
+        let (row_h, label_w, bar_w, pad) = (22.0, 250.0, 330.0, 10.0);
+        let panel_h = 30.0 + row_h * self.targets.len() as f64 + pad;
+        let width = label_w + bar_w + 120.0;
+        let height = panel_h * panels.len() as f64 + 20.0;
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+             font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        );
+        for (p, &(s, m, heading)) in panels.iter().enumerate() {
+            let y0 = 10.0 + panel_h * p as f64;
+            let _ = writeln!(
+                svg,
+                "<text x=\"10\" y=\"{}\" font-weight=\"bold\">{heading}</text>",
+                y0 + 14.0
+            );
+            let max = self
+                .targets
+                .iter()
+                .filter_map(|t| self.stat(s, t, m).map(|st| st.max))
+                .fold(0.0f64, f64::max);
+            for (i, &t) in self.targets.iter().enumerate() {
+                let y = y0 + 24.0 + row_h * i as f64;
+                let _ = writeln!(
+                    svg,
+                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+                    label_w - 8.0,
+                    y + 14.0,
+                    targets::label(t)
+                );
+                let Some(st) = self.stat(s, t, m) else {
+                    let _ = writeln!(
+                        svg,
+                        "<text x=\"{label_w}\" y=\"{}\" fill=\"#999\">n/a</text>",
+                        y + 14.0
+                    );
+                    continue;
+                };
+                let scale = if max > 0.0 { bar_w / max } else { 0.0 };
+                let _ = writeln!(
+                    svg,
+                    "<rect x=\"{label_w}\" y=\"{}\" width=\"{:.1}\" height=\"{}\" fill=\"{}\"/>",
+                    y + 3.0,
+                    st.median * scale,
+                    row_h - 6.0,
+                    colors[targets::ALL.iter().position(|x| *x == t).unwrap_or(0) % colors.len()]
+                );
+                // min–max whisker
+                let _ = writeln!(
+                    svg,
+                    "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+                    label_w + st.min * scale,
+                    label_w + st.max * scale,
+                    y + row_h / 2.0,
+                    y + row_h / 2.0
+                );
+                let dec = if m == "per_s" { 0 } else { 2 };
+                let _ = writeln!(
+                    svg,
+                    "<text x=\"{:.1}\" y=\"{}\">{:.dec$}</text>",
+                    label_w + st.max * scale + 6.0,
+                    y + 14.0,
+                    st.median
+                );
+            }
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+    let mem_kib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "mem_gib": mem_kib.map(|k| (k as f64 / 1048576.0 * 10.0).round() / 10.0),
+    })
+}
+
+impl Report {
+    /// Fails if any measurement failed (after everything was written and printed).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.outcome.errors.is_empty() {
+            return Ok(());
+        }
+        let failed: Vec<String> = self
+            .outcome
+            .errors
+            .keys()
+            .map(|(s, t)| format!("{s} on {t}"))
+            .collect();
+        anyhow::bail!(
+            "{} measurement(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )
+    }
+}
