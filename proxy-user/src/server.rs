@@ -173,13 +173,17 @@ impl Proxy {
         }
 
         // The data path's part of the handoff that precedes the reply.
-        let handoff = self.datapath.register(client, &upstream).map_err(|e| {
-            record.error = Some(format!(
-                "handing the tunnel to {}: {e}",
-                self.datapath.mode()
-            ));
-            Some(Status::Unavailable)
-        })?;
+        let handoff = self
+            .datapath
+            .register(client, &upstream)
+            .await
+            .map_err(|e| {
+                record.error = Some(format!(
+                    "handing the tunnel to {}: {e}",
+                    self.datapath.mode()
+                ));
+                Some(Status::Unavailable)
+            })?;
 
         // Reply.
         client

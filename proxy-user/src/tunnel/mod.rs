@@ -58,13 +58,13 @@ impl DataPath {
     }
 
     /// The part of the handoff that must happen before the `200` is written.
-    pub fn register<'a>(
+    pub async fn register<'a>(
         &'a self,
         client: &TcpStream,
         upstream: &TcpStream,
     ) -> io::Result<Handoff<'a>> {
         match self {
-            DataPath::Sockmap(sm) => match sm.register(client, upstream) {
+            DataPath::Sockmap(sm) => match sm.register(client, upstream).await {
                 Ok(reg) => Ok(Handoff(Some(reg))),
                 // A socket whose remote already sent FIN cannot join a
                 // sockmap: this tunnel is forwarded by userspace instead.
@@ -257,17 +257,11 @@ pub async fn forward(
     cancel: CancellationToken,
 ) -> Outcome {
     let progress = Progress::new();
-    let copy_path = || {
-        drive(
-            copy::pump(&client, &upstream, Dir::Up, &progress),
-            copy::pump(&upstream, &client, Dir::Down, &progress),
-            &progress,
-            idle,
-            &cancel,
-        )
-    };
     let (end, error) = match (mode, handoff.0) {
-        (Mode::Copy, _) => copy_path().await,
+        // Sockmap with a socket half-closed before the handoff: see DataPath::register.
+        (Mode::Copy, _) | (Mode::Sockmap, None) => {
+            copy_both(&client, &upstream, &progress, idle, &cancel).await
+        }
         (Mode::Splice, _) => {
             drive(
                 splice::pump(&client, &upstream, Dir::Up, &progress),
@@ -279,33 +273,85 @@ pub async fn forward(
             .await
         }
         (Mode::Sockmap, Some(mut reg)) => {
-            let result = match reg.arm(&client, &upstream).await {
-                Ok(sockmap::Armed::Kernel) => reg.run(&client, &upstream, idle, &cancel).await,
-                Ok(sockmap::Armed::Userspace) => copy_path().await,
-                Err(e) => (End::Failed, Some(format!("arming the sockmap: {e}"))),
+            let (result, detached) = match reg.arm(&client, &upstream).await {
+                Ok(sockmap::Armed::Kernel) if reg.fully_armed() => {
+                    // Out of tokio's reactor for the rest of the tunnel: the
+                    // kernel wakes epoll for every batch the program moves.
+                    let (result, sockets) = reg.run_detached(client, upstream, idle, &cancel).await;
+                    (result, Some(sockets))
+                }
+                Ok(sockmap::Armed::Kernel) => {
+                    let r = reg.run(&client, &upstream, idle, &cancel).await;
+                    (r, Some(to_std(client, upstream)))
+                }
+                Ok(sockmap::Armed::Userspace) => {
+                    let r = copy_both(&client, &upstream, &progress, idle, &cancel).await;
+                    (r, Some(to_std(client, upstream)))
+                }
+                Err(e) => (
+                    (End::Failed, Some(format!("arming the sockmap: {e}"))),
+                    Some(to_std(client, upstream)),
+                ),
             };
             let (up, down) = reg.bytes();
             progress.up.fetch_add(up, Ordering::Relaxed);
             progress.down.fetch_add(down, Ordering::Relaxed);
+            if let Some(Some((c, u))) = &detached {
+                reset_if(result.0, c, u);
+            }
             // Leave the maps before the sockets close.
             drop(reg);
-            result
+            drop(detached);
+            return Outcome {
+                bytes_up: progress.up.load(Ordering::Relaxed),
+                bytes_down: progress.down.load(Ordering::Relaxed),
+                end: result.0,
+                error: result.1,
+            };
         }
-        // Half-closed before the handoff: see DataPath::register.
-        (Mode::Sockmap, None) => copy_path().await,
     };
-    if matches!(end, End::ClientReset | End::UpstreamReset | End::Failed) {
-        // Closing with SO_LINGER 0 sends RST: the reset reaches the other side.
-        for s in [&client, &upstream] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-        }
-    }
+    reset_if(end, &client, &upstream);
     Outcome {
         bytes_up: progress.up.load(Ordering::Relaxed),
         bytes_down: progress.down.load(Ordering::Relaxed),
         end,
         error,
     }
+}
+
+/// Tokio streams as std ones (out of the reactor), for the end of a tunnel.
+fn to_std(
+    client: TcpStream,
+    upstream: TcpStream,
+) -> Option<(std::net::TcpStream, std::net::TcpStream)> {
+    Some((client.into_std().ok()?, upstream.into_std().ok()?))
+}
+
+/// On a reset, closing with SO_LINGER 0 sends RST: the reset reaches the other side.
+fn reset_if(end: End, a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
+    if matches!(end, End::ClientReset | End::UpstreamReset | End::Failed) {
+        for fd in [a.as_fd(), b.as_fd()] {
+            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// The copy data path over both directions.
+async fn copy_both(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    progress: &Progress,
+    idle: Option<Duration>,
+    cancel: &CancellationToken,
+) -> (End, Option<String>) {
+    drive(
+        copy::pump(client, upstream, Dir::Up, progress),
+        copy::pump(upstream, client, Dir::Down, progress),
+        progress,
+        idle,
+        cancel,
+    )
+    .await
 }
 
 /// Runs both directions until both are done or something ends the tunnel.

@@ -42,6 +42,7 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
     server.write_all(&banner).await.map_err(io("banner"))?;
     let mut reg = sm
         .register(&proxy_client, &proxy_upstream)
+        .await
         .map_err(io("register"))?;
     tokio::time::sleep(Duration::from_millis(5)).await;
     if reg
