@@ -22,7 +22,14 @@ use clap::Args;
 
 pub use report::Report;
 
-pub const SCENARIOS: &[&str] = &["stream1", "stream8", "handshake", "pingpong", "idle"];
+pub const SCENARIOS: &[&str] = &[
+    "stream1",
+    "stream8",
+    "handshake",
+    "pingpong",
+    "pingpong16k",
+    "idle",
+];
 
 #[derive(Args, Clone, Debug)]
 pub struct Opts {
@@ -40,11 +47,11 @@ pub struct Opts {
         default_value = "direct,copy,splice,sockmap,squid,tinyproxy"
     )]
     pub targets: Vec<String>,
-    /// Scenarios, comma-separated: stream1, stream8, handshake, pingpong, idle.
+    /// Scenarios, comma-separated: stream1, stream8, handshake, pingpong, pingpong16k, idle.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "stream1,stream8,handshake,pingpong,idle"
+        default_value = "stream1,stream8,handshake,pingpong,pingpong16k,idle"
     )]
     pub scenarios: Vec<String>,
     /// Rounds (default 3, or 1 with --quick).
@@ -267,8 +274,9 @@ fn measure(
             s.insert("p99_ms", r.pct(0.99) / 1000.0);
             s.insert("errors", r.errors as f64);
         }
-        "pingpong" => {
-            let r = load::ping_pong(&t.endpoint, sink.addr, 1, opts.dur())?;
+        "pingpong" | "pingpong16k" => {
+            let size = if scenario == "pingpong" { 1 } else { 16 * 1024 };
+            let r = load::ping_pong(&t.endpoint, sink.addr, size, opts.dur())?;
             s.insert("per_s", r.rate());
             s.insert("p50_us", r.pct(0.50));
             s.insert("p99_us", r.pct(0.99));
@@ -337,7 +345,7 @@ mod smoke {
                 let m = r["metrics"].as_object().expect("metrics");
                 let main = match *s {
                     "stream1" | "stream8" => "gbit_s",
-                    "handshake" | "pingpong" => "per_s",
+                    "handshake" | "pingpong" | "pingpong16k" => "per_s",
                     _ => "tunnels",
                 };
                 let median = m[main]["median"].as_f64().unwrap_or(0.0);

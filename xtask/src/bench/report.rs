@@ -44,7 +44,7 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str, usize)] {
             ("p99_ms", "p99 ms", 2),
             ("errors", "errors", 0),
         ],
-        "pingpong" => &[
+        "pingpong" | "pingpong16k" => &[
             ("per_s", "transactions/s", 0),
             ("p50_us", "p50 µs", 0),
             ("p99_us", "p99 µs", 0),
@@ -71,7 +71,14 @@ fn title(scenario: &str, opts: &Opts) -> String {
             "1-byte ping-pong on one tunnel, {:.1} s",
             opts.dur().as_secs_f64()
         ),
-        "idle" => format!("{} idle tunnels", opts.idle_tunnels()),
+        "pingpong16k" => format!(
+            "16 KiB ping-pong on one tunnel, {:.1} s",
+            opts.dur().as_secs_f64()
+        ),
+        "idle" => format!(
+            "{} idle tunnels (RSS growth of the proxy process; kernel TCP memory is host-wide)",
+            opts.idle_tunnels()
+        ),
         _ => scenario.to_string(),
     }
 }
@@ -191,6 +198,49 @@ impl Report {
         })
     }
 
+    /// The project's goals, checked against this run's medians for the default data path
+    /// (auto = splice).
+    pub fn goals(&self) -> String {
+        let mut out = String::from(
+            "\n### goals (default data path = splice; medians of this run)\n\n\
+             | goal | measured | met |\n|---|---:|---|\n",
+        );
+        let mut line = |goal: &str, v: Option<f64>, unit: &str, ok: fn(f64) -> bool| {
+            let (m, met) = match v {
+                Some(v) => (format!("{v:.2}{unit}"), if ok(v) { "yes" } else { "no" }),
+                None => ("not measured".to_string(), "–"),
+            };
+            let _ = writeln!(out, "| {goal} | {m} | {met} |");
+        };
+        line(
+            "1-stream throughput ≥ 0.8× direct",
+            self.vs("direct", "stream1", "splice", "gbit_s"),
+            "×",
+            |v| v >= 0.8,
+        );
+        line(
+            "1-stream total CPU/GB ≤ 1.15× direct",
+            self.vs("direct", "stream1", "splice", "total_cpu_s_per_gb"),
+            "×",
+            |v| v <= 1.15,
+        );
+        line(
+            "handshakes/s ≥ 3× squid",
+            self.vs("squid", "handshake", "splice", "per_s"),
+            "×",
+            |v| v >= 3.0,
+        );
+        line(
+            "userspace memory ≤ 4 KB per idle tunnel",
+            self.stat("idle", "splice", "rss_kib_per_tunnel")
+                .map(|s| s.median * 1.024),
+            " KB",
+            |v| v <= 4.0,
+        );
+        line("rsync path ≥ 1.3× squid", None, "", |_| false);
+        out
+    }
+
     /// Markdown tables (readable on a terminal too).
     pub fn text(&self) -> String {
         let mut out = String::new();
@@ -239,6 +289,7 @@ impl Report {
                 let _ = writeln!(out, "{row}");
             }
         }
+        out.push_str(&self.goals());
         out
     }
 
