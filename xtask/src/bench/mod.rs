@@ -25,6 +25,7 @@ pub use report::Report;
 pub const SCENARIOS: &[&str] = &[
     "stream1",
     "stream8",
+    "stream64",
     "handshake",
     "pingpong",
     "pingpong16k",
@@ -47,17 +48,18 @@ pub struct Opts {
         default_value = "direct,copy,splice,sockmap,squid,tinyproxy"
     )]
     pub targets: Vec<String>,
-    /// Scenarios, comma-separated: stream1, stream8, handshake, pingpong, pingpong16k, idle.
+    /// Scenarios, comma-separated: stream1, stream8, stream64, handshake, pingpong, pingpong16k,
+    /// idle.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "stream1,stream8,handshake,pingpong,pingpong16k,idle"
+        default_value = "stream1,stream8,stream64,handshake,pingpong,pingpong16k,idle"
     )]
     pub scenarios: Vec<String>,
     /// Rounds (default 3, or 1 with --quick).
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// MiB per transfer in stream1 and stream8 (default 2048, or 256 with --quick).
+    /// MiB per transfer in stream1, stream8 and stream64 (default 2048, or 256 with --quick).
     #[arg(long)]
     pub mib: Option<u64>,
     /// Seconds per handshake and ping-pong measurement (default 3, or 1 with --quick).
@@ -166,6 +168,12 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     }
     sys::install_signal_handlers();
     sys::raise_nofile();
+    eprintln!(
+        "bench: load average at start {} (other work on this machine skews every figure)",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
 
     let dir = targets::TempDir::new()?;
     let sink = load::Sink::start()?;
@@ -236,7 +244,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     progress.finish();
     drop(running);
 
-    let report = Report::new(opts, &names, &scenarios, outcome);
+    let report = Report::new(opts, &names, &scenarios, outcome, proxy_bin);
     let json = opts.json_path();
     if let Some(parent) = json.parent() {
         std::fs::create_dir_all(parent)?;
@@ -257,8 +265,8 @@ fn measure(
 ) -> Result<Option<Sample>> {
     let mut s = Sample::new();
     match scenario {
-        "stream1" | "stream8" => {
-            let n = if scenario == "stream1" { 1 } else { 8 };
+        "stream1" | "stream8" | "stream64" => {
+            let n = scenario["stream".len()..].parse().expect("streamN");
             let r = load::stream(&t.endpoint, sink.addr, opts.bytes(), n, t.pid())?;
             let gb = r.bytes as f64 / 1e9;
             s.insert("gbit_s", r.bytes as f64 * 8.0 / r.secs / 1e9);
@@ -344,7 +352,7 @@ mod smoke {
                 assert!(r["error"].is_null(), "{t} × {s}: {}", r["error"]);
                 let m = r["metrics"].as_object().expect("metrics");
                 let main = match *s {
-                    "stream1" | "stream8" => "gbit_s",
+                    "stream1" | "stream8" | "stream64" => "gbit_s",
                     "handshake" | "pingpong" | "pingpong16k" => "per_s",
                     _ => "tunnels",
                 };

@@ -33,7 +33,7 @@ fn stat(values: &[f64]) -> Stat {
 /// Metrics shown per scenario, in order: (key, column title, decimals).
 fn columns(scenario: &str) -> &'static [(&'static str, &'static str, usize)] {
     match scenario {
-        "stream1" | "stream8" => &[
+        "stream1" | "stream8" | "stream64" => &[
             ("gbit_s", "Gbit/s", 1),
             ("total_cpu_s_per_gb", "total CPU s/GB", 2),
             ("proxy_cpu_s_per_gb", "proxy CPU s/GB", 2),
@@ -62,6 +62,7 @@ fn title(scenario: &str, opts: &Opts) -> String {
     match scenario {
         "stream1" => format!("1 stream, {mib} MiB client → sink"),
         "stream8" => format!("8 parallel streams, {mib} MiB in total"),
+        "stream64" => format!("64 parallel streams, {mib} MiB in total"),
         "handshake" => format!(
             "CONNECT handshakes, {} concurrent clients, {:.1} s (direct: TCP connect only)",
             opts.clients,
@@ -89,6 +90,7 @@ pub struct Report {
     outcome: Outcome,
     titles: Vec<String>,
     options: Value,
+    proxy_binary: String,
 }
 
 impl Report {
@@ -97,8 +99,10 @@ impl Report {
         targets: &[&'static str],
         scenarios: &[&'static str],
         outcome: Outcome,
+        proxy_binary: &std::path::Path,
     ) -> Report {
         Report {
+            proxy_binary: proxy_binary.display().to_string(),
             targets: targets.to_vec(),
             scenarios: scenarios.to_vec(),
             titles: scenarios.iter().map(|s| title(s, opts)).collect(),
@@ -189,6 +193,8 @@ impl Report {
         }
         json!({
             "machine": machine(),
+            "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "proxy_binary": self.proxy_binary,
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "options": self.options,
             "cpu_note": "total CPU = user+nice+system+irq+softirq over all CPUs from /proc/stat \
