@@ -112,3 +112,70 @@ fn two_gib_bypass_userspace() {
     assert_eq!(access_field(&line, "bytes_up"), Some(TOTAL), "{line}");
     assert_eq!(access_field(&line, "bytes_down"), Some(0), "{line}");
 }
+
+/// BPF object ids (programs and maps) the process holds, from its fdinfo.
+fn bpf_ids(pid: u32) -> Vec<(&'static str, u32)> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in info.lines() {
+            for (key, kind) in [("prog_id:", "prog"), ("map_id:", "map")] {
+                if let Some(v) = line.strip_prefix(key) {
+                    ids.push((kind, v.trim().parse().unwrap()));
+                }
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn bpf_object_exists(kind: &str, id: u32) -> bool {
+    std::process::Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("bpftool (installed by cargo xtask setup)")
+        .success()
+}
+
+/// Nothing is pinned, so the kernel frees the program, its link and maps
+/// with the process: after SIGKILL none of them is left, and the next start
+/// loads afresh and passes its self-check.
+#[test]
+fn sigkill_leaves_no_program_or_map_behind() {
+    let mut proxy = Proxy::start_mode("sockmap", &[]).unwrap();
+    let ids = bpf_ids(proxy.pid());
+    assert!(
+        ids.iter().any(|(k, _)| *k == "prog") && ids.iter().any(|(k, _)| *k == "map"),
+        "a sockmap proxy holds its program and maps: {ids:?}"
+    );
+    for (kind, id) in &ids {
+        assert!(bpf_object_exists(kind, *id), "{kind} {id} should exist");
+    }
+    let _ = proxy.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = ids
+            .iter()
+            .filter(|(kind, id)| bpf_object_exists(kind, *id))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind after SIGKILL: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let again = Proxy::start_mode("sockmap", &[]).expect("a clean start after SIGKILL");
+    assert!(!bpf_ids(again.pid()).is_empty());
+}
