@@ -7,6 +7,7 @@
 
 mod load;
 mod report;
+mod rsync;
 mod sys;
 mod targets;
 
@@ -29,6 +30,7 @@ pub const SCENARIOS: &[&str] = &[
     "handshake",
     "pingpong",
     "pingpong16k",
+    "rsync",
     "idle",
 ];
 
@@ -49,11 +51,11 @@ pub struct Opts {
     )]
     pub targets: Vec<String>,
     /// Scenarios, comma-separated: stream1, stream8, stream64, handshake, pingpong, pingpong16k,
-    /// idle.
+    /// rsync, idle.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "stream1,stream8,stream64,handshake,pingpong,pingpong16k,idle"
+        default_value = "stream1,stream8,stream64,handshake,pingpong,pingpong16k,rsync,idle"
     )]
     pub scenarios: Vec<String>,
     /// Rounds (default 3, or 1 with --quick).
@@ -68,6 +70,10 @@ pub struct Opts {
     /// Idle tunnels opened at once (default 2000, or 200 with --quick).
     #[arg(long)]
     pub idle_tunnels: Option<usize>,
+    /// MiB of large files in the rsync tree (default 1024, or 64 with --quick), plus small files
+    /// (2000, or 200 with --quick).
+    #[arg(long)]
+    pub rsync_mib: Option<u64>,
     /// Concurrent clients in the handshake scenario.
     #[arg(long, default_value_t = 50)]
     pub clients: usize,
@@ -89,6 +95,10 @@ impl Opts {
     pub fn idle_tunnels(&self) -> usize {
         self.idle_tunnels
             .unwrap_or(if self.quick { 200 } else { 2000 })
+    }
+    pub fn rsync_tree(&self) -> (u64, usize) {
+        let mib = self.rsync_mib.unwrap_or(if self.quick { 64 } else { 1024 });
+        (mib, if self.quick { 200 } else { 2000 })
     }
     pub fn json_path(&self) -> PathBuf {
         self.json.clone().unwrap_or_else(|| {
@@ -189,6 +199,20 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
         .filter(|s| opts.scenarios.iter().any(|x| x == s))
         .collect();
 
+    let mut rig = if scenarios.contains(&"rsync") {
+        let (mib, files) = opts.rsync_tree();
+        eprintln!("bench: rsync tree ({mib} MiB + {files} small files), stunnel server, rsyncd");
+        let rig = rsync::Rig::start(mib, files).context("rsync scenario set-up")?;
+        eprintln!(
+            "bench: rsync tree is {} files, {:.1} MB",
+            rig.files,
+            rig.bytes as f64 / 1e6
+        );
+        Some(rig)
+    } else {
+        None
+    };
+    let extra_ports: Vec<u16> = rig.iter().map(|r| r.server_port()).collect();
     let mut running = Vec::new();
     for &name in &names {
         eprintln!("bench: starting {}", targets::label(name));
@@ -198,6 +222,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
             sink.addr,
             proxy_bin,
             Duration::from_secs(opts.start_timeout),
+            &extra_ports,
         )?);
     }
 
@@ -223,7 +248,21 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
                 if outcome.errors.contains_key(&key) {
                     continue;
                 }
-                let measured = measure(scenario, t, &sink, opts);
+                let measured = if scenario == "rsync" {
+                    let rig = rig.as_mut().expect("rsync rig started");
+                    rig.push(t).map(|p| {
+                        let gb = rig.bytes as f64 / 1e9;
+                        let mut s = Sample::new();
+                        s.insert("gbit_s", rig.bytes as f64 * 8.0 / p.secs / 1e9);
+                        s.insert("total_cpu_s_per_gb", p.total_cpu / gb);
+                        if let Some(c) = p.proxy_cpu {
+                            s.insert("proxy_cpu_s_per_gb", c / gb);
+                        }
+                        Some(s)
+                    })
+                } else {
+                    measure(scenario, t, &sink, opts)
+                };
                 let measured = measured.and_then(|s| {
                     t.check_alive(&targets::log_path(&dir.0, t.name))?;
                     Ok(s)
@@ -243,6 +282,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     }
     progress.finish();
     drop(running);
+    drop(rig);
 
     let report = Report::new(opts, &names, &scenarios, outcome, proxy_bin);
     let json = opts.json_path();
@@ -324,6 +364,7 @@ mod smoke {
             scenarios: SCENARIOS.iter().map(|s| s.to_string()).collect(),
             rounds: Some(1),
             mib: Some(8),
+            rsync_mib: Some(4),
             secs: Some(0.2),
             idle_tunnels: Some(20),
             clients: 8,
@@ -352,7 +393,7 @@ mod smoke {
                 assert!(r["error"].is_null(), "{t} × {s}: {}", r["error"]);
                 let m = r["metrics"].as_object().expect("metrics");
                 let main = match *s {
-                    "stream1" | "stream8" | "stream64" => "gbit_s",
+                    "stream1" | "stream8" | "stream64" | "rsync" => "gbit_s",
                     "handshake" | "pingpong" | "pingpong16k" => "per_s",
                     _ => "tunnels",
                 };

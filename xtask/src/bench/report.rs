@@ -33,7 +33,7 @@ fn stat(values: &[f64]) -> Stat {
 /// Metrics shown per scenario, in order: (key, column title, decimals).
 fn columns(scenario: &str) -> &'static [(&'static str, &'static str, usize)] {
     match scenario {
-        "stream1" | "stream8" | "stream64" => &[
+        "stream1" | "stream8" | "stream64" | "rsync" => &[
             ("gbit_s", "Gbit/s", 1),
             ("total_cpu_s_per_gb", "total CPU s/GB", 2),
             ("proxy_cpu_s_per_gb", "proxy CPU s/GB", 2),
@@ -63,6 +63,13 @@ fn title(scenario: &str, opts: &Opts) -> String {
         "stream1" => format!("1 stream, {mib} MiB client → sink"),
         "stream8" => format!("8 parallel streams, {mib} MiB in total"),
         "stream64" => format!("64 parallel streams, {mib} MiB in total"),
+        "rsync" => {
+            let (m, f) = opts.rsync_tree();
+            format!(
+                "rsync push, {m} MiB large files + {f} small files, through stunnel client → \
+                 target → stunnel server → rsyncd"
+            )
+        }
         "handshake" => format!(
             "CONNECT handshakes, {} concurrent clients, {:.1} s (direct: TCP connect only)",
             opts.clients,
@@ -243,7 +250,12 @@ impl Report {
             " KB",
             |v| v <= 4.0,
         );
-        line("rsync path ≥ 1.3× squid", None, "", |_| false);
+        line(
+            "rsync path ≥ 1.3× squid",
+            self.vs("squid", "rsync", "splice", "gbit_s"),
+            "×",
+            |v| v >= 1.3,
+        );
         out
     }
 

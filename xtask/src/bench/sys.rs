@@ -132,17 +132,31 @@ pub fn register_child(pid: u32) {
     }
 }
 
+/// Remembers a child that leads its own process group (killed as a group).
+pub fn register_group(pid: u32) {
+    register_child(pid);
+    for slot in &CHILDREN {
+        let _ = slot.compare_exchange(
+            pid as i32,
+            -(pid as i32),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+}
+
 pub fn forget_child(pid: u32) {
     for slot in &CHILDREN {
         let _ = slot.compare_exchange(pid as i32, 0, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = slot.compare_exchange(-(pid as i32), 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 }
 
 extern "C" fn on_signal(sig: libc::c_int) {
     for slot in &CHILDREN {
         let pid = slot.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill(2) is async-signal-safe.
+        if pid != 0 {
+            // SAFETY: kill(2) is async-signal-safe (a negative pid is a process group).
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }

@@ -155,7 +155,11 @@ pub fn start(
     sink: SocketAddr,
     proxy_bin: &Path,
     patience: Duration,
+    extra_ports: &[u16],
 ) -> Result<Running> {
+    let ports: Vec<u16> = std::iter::once(sink.port())
+        .chain(extra_ports.iter().copied())
+        .collect();
     if name == "direct" {
         return Ok(Running {
             name,
@@ -178,7 +182,7 @@ pub fn start(
             c
         }
         "squid" => {
-            let conf = squid_conf(dir, port, sink.port())?;
+            let conf = squid_conf(dir, port, &ports)?;
             let mut c = Command::new("squid");
             c.args(["-N", "-f"]).arg(conf);
             c
@@ -190,8 +194,11 @@ pub fn start(
                 format!(
                     "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\nTimeout 600\n\
                      MaxClients 20000\nLogLevel Critical\nBasicAuth {USER} {PASS}\n\
-                     ConnectPort {}\nDisableViaHeader Yes\n",
-                    sink.port()
+                     DisableViaHeader Yes\n{}",
+                    ports
+                        .iter()
+                        .map(|p| format!("ConnectPort {p}\n"))
+                        .collect::<String>()
                 ),
             )?;
             let mut c = Command::new("tinyproxy");
@@ -235,7 +242,9 @@ pub fn start(
     }
 }
 
-fn squid_conf(dir: &Path, port: u16, sink_port: u16) -> Result<PathBuf> {
+fn squid_conf(dir: &Path, port: u16, connect_ports: &[u16]) -> Result<PathBuf> {
+    let connect_ports: Vec<String> = connect_ports.iter().map(u16::to_string).collect();
+    let connect_ports = connect_ports.join(" ");
     let out = Command::new("openssl")
         .args(["passwd", "-apr1", PASS])
         .stderr(Stdio::inherit())
@@ -272,7 +281,7 @@ fn squid_conf(dir: &Path, port: u16, sink_port: u16) -> Result<PathBuf> {
              auth_param basic realm bench\n\
              auth_param basic credentialsttl 2 hours\n\
              acl authed proxy_auth REQUIRED\n\
-             acl sink_port port {sink_port}\n\
+             acl sink_port port {connect_ports}\n\
              http_access deny !authed\n\
              http_access allow CONNECT sink_port\n\
              http_access deny all\n",
