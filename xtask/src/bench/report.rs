@@ -311,9 +311,10 @@ impl Report {
         out
     }
 
-    /// Three bar panels: single-stream Gbit/s, single-stream total CPU s/GB, handshakes/s.
+    /// Bar panels (median, min–max whisker): single-stream Gbit/s and total CPU s/GB,
+    /// handshakes/s, rsync Gbit/s.
     pub fn svg(&self) -> String {
-        let panels: [(&str, &str, &str); 3] = [
+        let panels: [(&str, &str, &str); 4] = [
             ("stream1", "gbit_s", "1 stream: Gbit/s (higher is better)"),
             (
                 "stream1",
@@ -324,6 +325,11 @@ impl Report {
                 "handshake",
                 "per_s",
                 "CONNECT handshakes/s (higher is better)",
+            ),
+            (
+                "rsync",
+                "gbit_s",
+                "rsync over stunnel: Gbit/s (higher is better)",
             ),
         ];
         let colors = [
