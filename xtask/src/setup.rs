@@ -27,6 +27,9 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "socat",
     "bpftool",
+    // deploy/: the image test builds and runs the FROM-scratch image.
+    "podman",
+    "runc",
 ];
 
 /// bpf-linker release known to link our programs; pinned so every machine builds the same one.
