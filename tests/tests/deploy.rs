@@ -410,3 +410,418 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The kustomizations under deploy/kubernetes/.
+const KUSTOMIZATIONS: &[&str] = &["base", "overlays/example", "overlays/sockmap"];
+
+/// python3 with kubernetes-validate and PyYAML; installs them from PyPI on first use.
+fn python_validator() -> Result<()> {
+    let probe = || {
+        run(
+            Command::new("python3").args(["-c", "import kubernetes_validate, yaml"]),
+            None,
+            Duration::from_secs(60),
+        )
+    };
+    if probe()
+        .context("python3 is not installed")?
+        .status
+        .success()
+    {
+        return Ok(());
+    }
+    let out = run(
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "kubernetes-validate",
+        ]),
+        None,
+        Duration::from_secs(300),
+    )?;
+    ensure!(
+        out.status.success() && probe()?.status.success(),
+        "pip install kubernetes-validate failed:\n{}",
+        text(&out)
+    );
+    Ok(())
+}
+
+/// `kustomize build DIR` or `kubectl kustomize DIR`, whichever exists; None if neither does.
+fn kustomize(dir: &Path) -> Option<Result<String>> {
+    let candidates: [(&str, &[&str]); 2] = [("kustomize", &["build"]), ("kubectl", &["kustomize"])];
+    for (tool, args) in candidates {
+        let Ok(out) = run(
+            Command::new(tool).args(args).arg(dir),
+            None,
+            Duration::from_secs(60),
+        ) else {
+            continue; // not installed
+        };
+        return Some(if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(anyhow::anyhow!(
+                "{tool} {args:?} {}: {}",
+                dir.display(),
+                text(&out)
+            ))
+        });
+    }
+    None
+}
+
+/// The files a kustomization.yaml lists under `resources:`.
+fn kustomization_resources(dir: &Path) -> Result<Vec<PathBuf>> {
+    let yaml = fs::read_to_string(dir.join("kustomization.yaml"))?;
+    Ok(yaml
+        .lines()
+        .skip_while(|l| l.trim_end() != "resources:")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("  - "))
+        .map(|f| dir.join(f.trim()))
+        .collect())
+}
+
+/// Runs deploy/kubernetes/lint.py on `files`: (passed, output).
+fn lint(files: &[PathBuf], extra: &[&str]) -> Result<(bool, String)> {
+    let k8s = deploy_dir().join("kubernetes");
+    let out = run(
+        Command::new("python3")
+            .arg(k8s.join("lint.py"))
+            .args(extra)
+            .args(files),
+        None,
+        Duration::from_secs(120),
+    )?;
+    Ok((out.status.success(), text(&out)))
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas_and_are_locked_down() -> Result<()> {
+    let started = Instant::now();
+    python_validator()?;
+    let k8s = deploy_dir().join("kubernetes");
+    let tmp = TempDir::new("deploy-kubernetes")?;
+    let mc = k8s.join("migrationcontroller.yaml");
+    let mc = mc.to_str().unwrap();
+
+    let mut rendered_any = false;
+    for name in KUSTOMIZATIONS {
+        let dir = k8s.join(name);
+        match kustomize(&dir) {
+            Some(rendered) => {
+                let path = tmp.join(format!("{}.yaml", name.replace('/', "-")));
+                fs::write(&path, rendered?)?;
+                let (ok, out) = lint(&[path], &["--migrationcontroller", mc])?;
+                ensure!(ok, "{name} (rendered by kustomize):\n{out}");
+                eprintln!("deploy: {name}: {}", out.trim());
+                rendered_any = true;
+            }
+            None => eprintln!(
+                "deploy: {name}: neither kustomize nor kubectl is installed: not rendered \
+                 (its base files are validated one by one below)"
+            ),
+        }
+    }
+    // The base's files as they are, without a renderer: the same rules hold.
+    let base_files = kustomization_resources(&k8s.join("base"))?;
+    ensure!(base_files.len() >= 5, "base resources: {base_files:?}");
+    let (ok, out) = lint(&base_files, &["--migrationcontroller", mc])?;
+    ensure!(ok, "base files:\n{out}");
+    eprintln!("deploy: base files: {}", out.trim());
+
+    // The lint is not a rubber stamp: each weakened setting is named.
+    let mut weakened = String::new();
+    for f in &base_files {
+        weakened.push_str(&fs::read_to_string(f)?);
+        weakened.push_str("\n---\n");
+    }
+    let mutations = [
+        (
+            "readOnlyRootFilesystem: true",
+            "readOnlyRootFilesystem: false",
+            "readOnlyRootFilesystem must be true",
+        ),
+        (
+            "allowPrivilegeEscalation: false",
+            "allowPrivilegeEscalation: true",
+            "allowPrivilegeEscalation must be false",
+        ),
+        (
+            "privileged: false",
+            "privileged: true",
+            "privileged (use the capability set",
+        ),
+        (
+            "                - ALL",
+            "                - NET_RAW",
+            "capabilities.drop must be [ALL]",
+        ),
+        (
+            "runAsNonRoot: true",
+            "runAsNonRoot: false",
+            "must run as non-root",
+        ),
+        (
+            "            - --htpasswd=/etc/splice-proxy/htpasswd",
+            "            - --allow-anonymous",
+            "--allow-anonymous makes an open proxy",
+        ),
+        (
+            "              memory: 1Gi\n",
+            "",
+            "resources.limits.memory missing",
+        ),
+        (
+            "              path: /readyz",
+            "              path: /metrics",
+            "readinessProbe must GET /readyz",
+        ),
+        (
+            "      terminationGracePeriodSeconds: 40",
+            "      terminationGracePeriod: 40",
+            "schema",
+        ),
+        ("maxUnavailable: 1", "maxSurge2: 1", "schema"),
+    ];
+    for (from, to, _) in &mutations {
+        ensure!(
+            weakened.contains(from),
+            "mutation target {from:?} not in the base files"
+        );
+        weakened = weakened.replacen(from, to, 1);
+    }
+    let path = tmp.join("weakened.yaml");
+    fs::write(&path, &weakened)?;
+    let (ok, out) = lint(&[path], &[])?;
+    ensure!(!ok, "the weakened manifests passed the lint:\n{out}");
+    for (_, _, expect) in &mutations {
+        ensure!(
+            out.contains(expect),
+            "the lint did not report {expect:?}:\n{out}"
+        );
+    }
+    eprintln!(
+        "deploy: manifests checked in {:.1}s ({})",
+        started.elapsed().as_secs_f64(),
+        if rendered_any {
+            "kustomizations rendered"
+        } else {
+            "files only: no kustomize"
+        }
+    );
+    Ok(())
+}
+
+/// A process killed (SIGKILL) on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The unit's `KEY=` value (continuation lines joined).
+fn unit_value(unit: &str, key: &str) -> Option<String> {
+    let mut lines = unit.lines();
+    let first = lines.find_map(|l| l.strip_prefix(&format!("{key}=")))?;
+    let mut value = first.to_string();
+    while value.ends_with('\\') {
+        value.pop();
+        value.push(' ');
+        value.push_str(lines.next()?.trim());
+    }
+    Some(value)
+}
+
+/// Starts the binary with the unit's ExecStart flags (listeners moved to free loopback ports,
+/// the htpasswd file to `htpasswd`) as uid 65534 holding exactly `caps` as ambient capabilities,
+/// no-new-privs set, as systemd would. Returns the process and its proxy and metrics addresses.
+fn start_as_unit(
+    unit: &str,
+    htpasswd: &Path,
+    caps: &[&str],
+    extra: &[&str],
+    log: &Path,
+) -> Result<(Killed, SocketAddr, SocketAddr)> {
+    let exec = unit_value(unit, "ExecStart").context("no ExecStart=")?;
+    let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut args: Vec<String> = exec.split_whitespace().skip(1).map(String::from).collect();
+    for a in &mut args {
+        *a = match a.as_str() {
+            "0.0.0.0:3128" => proxy.to_string(),
+            "127.0.0.1:9128" => metrics.to_string(),
+            "/etc/splice-proxy/htpasswd" => htpasswd.display().to_string(),
+            _ => a.clone(),
+        };
+    }
+    ensure!(
+        args.contains(&proxy.to_string()) && args.contains(&metrics.to_string()),
+        "ExecStart= no longer listens on 0.0.0.0:3128 with metrics on 127.0.0.1:9128: {exec}"
+    );
+    let set = caps
+        .iter()
+        .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<String>();
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--no-new-privs",
+        ])
+        .arg(format!("--inh-caps=-all{set}"))
+        .arg(format!("--ambient-caps=-all{set}"))
+        .arg(format!("--bounding-set=-all{set}"))
+        .arg(binary())
+        .args(&args)
+        .args(extra)
+        .args(["--allow-dst=127.0.0.0/8", "--allow-port=1-65535"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(log)?)
+        .spawn()
+        .context("spawn setpriv (util-linux)")?;
+    Ok((Killed(child), proxy, metrics))
+}
+
+/// Waits until /readyz answers 200 (Ok(true)) or the process exits (Ok(false)).
+fn ready_or_exited(p: &mut Killed, metrics: SocketAddr, within: Duration) -> Result<bool> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if p.0.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        if let Ok((200, _)) = http_get(metrics, "/readyz") {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("neither ready nor exited within {within:?}")
+}
+
+#[test]
+fn systemd_unit_verifies_and_its_capabilities_are_exactly_what_sockmap_needs() -> Result<()> {
+    let started = Instant::now();
+    let unit = fs::read_to_string(deploy_dir().join("splice-proxy.service"))?;
+    let tmp = TempDir::new("deploy-systemd")?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
+
+    // systemd's own checker, on a copy that names the binary under test.
+    let bin = binary();
+    let copy = tmp.join("splice-proxy.service");
+    fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/splice-proxy", bin.to_str().unwrap()),
+    )?;
+    let out = run(
+        Command::new("systemd-analyze").arg("verify").arg(&copy),
+        None,
+        Duration::from_secs(60),
+    )
+    .context("systemd-analyze (package systemd) is not installed")?;
+    let complaints: Vec<&str> = std::str::from_utf8(&out.stderr)?
+        .lines()
+        .filter(|l| l.contains("splice-proxy.service"))
+        .collect();
+    ensure!(
+        out.status.success() && complaints.is_empty(),
+        "systemd-analyze verify: {}",
+        text(&out)
+    );
+    for key in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "Restart=on-failure",
+        "User=splice-proxy",
+    ] {
+        ensure!(unit.lines().any(|l| l == key), "the unit lacks {key}");
+    }
+
+    // Its capabilities: exactly CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, also the bounding set.
+    let caps: Vec<String> = unit_value(&unit, "AmbientCapabilities")
+        .context("no AmbientCapabilities=")?
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    ensure!(
+        caps == ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"],
+        "AmbientCapabilities={caps:?}"
+    );
+    ensure!(
+        unit_value(&unit, "CapabilityBoundingSet").as_deref() == Some(&caps.join(" ")),
+        "CapabilityBoundingSet= must equal AmbientCapabilities="
+    );
+
+    let htpasswd = tmp.join("htpasswd");
+    fs::write(&htpasswd, example_secret_htpasswd()?)?;
+    fs::set_permissions(&htpasswd, fs::Permissions::from_mode(0o644))?;
+    let upstream = echo_upstream()?;
+
+    // With no capability at all the default data path runs as the unit's flags say.
+    let log = tmp.join("none.log");
+    let (mut p, proxy, metrics) = start_as_unit(&unit, &htpasswd, &[], &[], &log)?;
+    ensure!(
+        ready_or_exited(&mut p, metrics, Duration::from_secs(15))?,
+        "the unit's flags without capabilities: {}",
+        fs::read_to_string(&log)?
+    );
+    echo_through(proxy, upstream.addr, SECRET_USER, SECRET_PASS, 1 << 20)?;
+    drop(p);
+
+    // sockmap, where this kernel loads it at all (as root).
+    let log = tmp.join("root.log");
+    let root = Command::new(binary())
+        .args(["run", "--mode=sockmap", "--listen=127.0.0.1:0"])
+        .arg(format!("--metrics-listen=127.0.0.1:{}", free_port()))
+        .stderr(fs::File::create(&log)?)
+        .spawn()?;
+    let mut root = Killed(root);
+    std::thread::sleep(Duration::from_secs(1));
+    let root_loads = root.0.try_wait()?.is_none();
+    drop(root);
+    if !root_loads {
+        eprintln!(
+            "deploy: sockmap does not load on this kernel even as root: the capability set \
+             was not exercised: {}",
+            fs::read_to_string(&log)?
+        );
+        return Ok(());
+    }
+    let log = tmp.join("sockmap.log");
+    let (mut p, proxy, metrics) =
+        start_as_unit(&unit, &htpasswd, &caps, &["--mode=sockmap"], &log)?;
+    ensure!(
+        ready_or_exited(&mut p, metrics, Duration::from_secs(15))?,
+        "--mode sockmap as uid 65534 with {caps:?}: {}",
+        fs::read_to_string(&log)?
+    );
+    echo_through(proxy, upstream.addr, SECRET_USER, SECRET_PASS, 1 << 20)?;
+    drop(p);
+    // ... and each of the three is needed.
+    for missing in &caps {
+        let fewer: Vec<&str> = caps.iter().copied().filter(|c| c != missing).collect();
+        let log = tmp.join(format!("without-{missing}.log"));
+        let (mut p, _, metrics) =
+            start_as_unit(&unit, &htpasswd, &fewer, &["--mode=sockmap"], &log)?;
+        ensure!(
+            !ready_or_exited(&mut p, metrics, Duration::from_secs(15))?,
+            "--mode sockmap started without {missing}"
+        );
+        let status = p.0.wait()?;
+        ensure!(status.code() == Some(2), "without {missing}: exit {status}");
+    }
+    eprintln!(
+        "deploy: systemd unit checked in {:.1}s (sockmap runs as uid 65534 with exactly {caps:?})",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

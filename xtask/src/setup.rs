@@ -27,9 +27,11 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "socat",
     "bpftool",
-    // deploy/: the image test builds and runs the FROM-scratch image.
+    // deploy/: the image test builds and runs the FROM-scratch image; the unit test runs
+    // systemd-analyze verify on deploy/splice-proxy.service.
     "podman",
     "runc",
+    "systemd",
 ];
 
 /// bpf-linker release known to link our programs; pinned so every machine builds the same one.
