@@ -1,7 +1,8 @@
 //! deploy/ end to end: the FROM-scratch image built with podman and a CONNECT tunnel through
 //! the running container; the Kubernetes manifests rendered with kustomize, validated against
 //! the Kubernetes schemas and linted for security settings; the systemd unit verified, and its
-//! capability set shown to be exactly what `--mode sockmap` needs.
+//! capability set shown to be exactly what `--mode sockmap` needs; the DaemonSet's flags start
+//! the proxy with the policy they promise.
 //!
 //! Needs podman + runc (`cargo xtask setup` installs them) and python3 with pip (for
 //! kubernetes-validate, installed on first use). Nothing here is skipped for a missing tool.
@@ -823,5 +824,103 @@ fn systemd_unit_verifies_and_its_capabilities_are_exactly_what_sockmap_needs() -
         "deploy: systemd unit checked in {:.1}s (sockmap runs as uid 65534 with exactly {caps:?})",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The proxy's flags in deploy/kubernetes/base/daemonset.yaml, plus those an overlay adds
+/// (`value: --...` in its patches).
+fn manifest_args(overlay: Option<&str>) -> Result<Vec<String>> {
+    let k8s = deploy_dir().join("kubernetes");
+    let base = fs::read_to_string(k8s.join("base/daemonset.yaml"))?;
+    let mut args: Vec<String> = base
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- --"))
+        .map(|a| format!("--{a}"))
+        .collect();
+    if let Some(o) = overlay {
+        let k = fs::read_to_string(k8s.join(o).join("kustomization.yaml"))?;
+        args.extend(
+            k.lines()
+                .filter_map(|l| l.trim().strip_prefix("value: --"))
+                .map(|a| format!("--{a}")),
+        );
+    }
+    Ok(args)
+}
+
+#[test]
+fn daemonset_flags_start_the_proxy_with_its_policy() -> Result<()> {
+    let tmp = TempDir::new("deploy-flags")?;
+    let htpasswd = tmp.join("htpasswd");
+    fs::write(&htpasswd, example_secret_htpasswd()?)?;
+    let upstream = echo_upstream()?;
+    for overlay in [None, Some("overlays/example")] {
+        let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let args: Vec<String> = manifest_args(overlay)?
+            .into_iter()
+            .map(|a| {
+                a.replace("0.0.0.0:3128", &proxy.to_string())
+                    .replace("0.0.0.0:9128", &metrics.to_string())
+                    .replace("/etc/splice-proxy/htpasswd", htpasswd.to_str().unwrap())
+            })
+            .collect();
+        ensure!(
+            args.iter().any(|a| a.contains(&proxy.to_string()))
+                && args.iter().any(|a| a.contains(&metrics.to_string())),
+            "the DaemonSet's flags no longer listen on 0.0.0.0:3128 / 0.0.0.0:9128: {args:?}"
+        );
+        let log = tmp.join("proxy.log");
+        let child = Command::new(binary())
+            .arg("run")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let mut p = Killed(child);
+        ensure!(
+            ready_or_exited(&mut p, metrics, Duration::from_secs(15))?,
+            "the DaemonSet's flags ({overlay:?}) do not start the proxy: {}",
+            fs::read_to_string(&log)?
+        );
+        // Credentials required; loopback destinations refused by the default policy.
+        let target = upstream.addr.to_string();
+        let (_s, r) = exchange(proxy, connect_head(&target, &[]).as_bytes())?;
+        ensure!(
+            r.status == 407,
+            "{overlay:?}: CONNECT without credentials: {}",
+            r.raw
+        );
+        let auth = format!(
+            "Proxy-Authorization: {}",
+            basic("Basic", SECRET_USER, SECRET_PASS)
+        );
+        let (_s, r) = exchange(proxy, connect_head(&target, &[auth]).as_bytes())?;
+        ensure!(
+            r.status == 403,
+            "{overlay:?}: CONNECT to loopback: {}",
+            r.raw
+        );
+        // SIGTERM: /readyz 503 and a clean exit.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = p.0.try_wait()? {
+                break s;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{overlay:?}: no exit 10 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ensure!(status.success(), "{overlay:?}: exit {status} after SIGTERM");
+        let text = fs::read_to_string(&log)?;
+        ensure!(
+            text.lines().all(|l| l.trim_start().starts_with('{')),
+            "{overlay:?}: --log-format=json, yet a log line is not JSON:\n{text}"
+        );
+    }
     Ok(())
 }
