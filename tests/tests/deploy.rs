@@ -4,8 +4,10 @@
 //! capability set shown to be exactly what `--mode sockmap` needs; the DaemonSet's flags start
 //! the proxy with the policy they promise.
 //!
-//! Needs podman + runc (`cargo xtask setup` installs them) and python3 with pip (for
-//! kubernetes-validate, installed on first use). Nothing here is skipped for a missing tool.
+//! Needs podman + runc and systemd-analyze (`cargo xtask setup` installs them) and python3 with
+//! pip (kubernetes-validate is installed on first use). Only two things are optional: without
+//! kustomize or kubectl the manifests are validated file by file instead of rendered, and the
+//! sockmap capability check needs a kernel where sockmap loads as root.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -415,11 +417,25 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// The kustomizations under deploy/kubernetes/.
 const KUSTOMIZATIONS: &[&str] = &["base", "overlays/example", "overlays/sockmap"];
 
-/// python3 with kubernetes-validate and PyYAML; installs them from PyPI on first use.
-fn python_validator() -> Result<()> {
+/// Where kubernetes-validate is installed when python3 lacks it (`pip install --target`: works
+/// for an externally managed Debian python too), kept across runs like xtask's bpf-linker.
+fn python_packages_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".local/share/splice-proxy/python")
+}
+
+/// A `python3` command that can import kubernetes_validate and yaml; installs them from PyPI
+/// into [`python_packages_dir`] on first use.
+fn python() -> Result<Command> {
+    let dir = python_packages_dir();
+    let command = || {
+        let mut c = Command::new("python3");
+        c.env("PYTHONPATH", &dir);
+        c
+    };
     let probe = || {
         run(
-            Command::new("python3").args(["-c", "import kubernetes_validate, yaml"]),
+            command().args(["-c", "import kubernetes_validate, yaml"]),
             None,
             Duration::from_secs(60),
         )
@@ -429,26 +445,30 @@ fn python_validator() -> Result<()> {
         .status
         .success()
     {
-        return Ok(());
+        return Ok(command());
     }
     let out = run(
-        Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "kubernetes-validate",
-        ]),
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("--target")
+            .arg(&dir)
+            .arg("kubernetes-validate"),
         None,
         Duration::from_secs(300),
     )?;
     ensure!(
         out.status.success() && probe()?.status.success(),
-        "pip install kubernetes-validate failed:\n{}",
+        "pip install --target {} kubernetes-validate failed:\n{}",
+        dir.display(),
         text(&out)
     );
-    Ok(())
+    Ok(command())
 }
 
 /// `kustomize build DIR` or `kubectl kustomize DIR`, whichever exists; None if neither does.
@@ -491,10 +511,7 @@ fn kustomization_resources(dir: &Path) -> Result<Vec<PathBuf>> {
 fn lint(files: &[PathBuf], extra: &[&str]) -> Result<(bool, String)> {
     let k8s = deploy_dir().join("kubernetes");
     let out = run(
-        Command::new("python3")
-            .arg(k8s.join("lint.py"))
-            .args(extra)
-            .args(files),
+        python()?.arg(k8s.join("lint.py")).args(extra).args(files),
         None,
         Duration::from_secs(120),
     )?;
@@ -504,7 +521,7 @@ fn lint(files: &[PathBuf], extra: &[&str]) -> Result<(bool, String)> {
 #[test]
 fn kubernetes_manifests_validate_against_the_schemas_and_are_locked_down() -> Result<()> {
     let started = Instant::now();
-    python_validator()?;
+    python()?;
     let k8s = deploy_dir().join("kubernetes");
     let tmp = TempDir::new("deploy-kubernetes")?;
     let mc = k8s.join("migrationcontroller.yaml");
