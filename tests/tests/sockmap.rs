@@ -60,7 +60,7 @@ fn two_gib_bypass_userspace() {
     let mut tunnel = proxy.connect_tunnel(&target, None).unwrap();
     let cpu_before = cpu_seconds(proxy.pid());
     let chunk: Vec<u8> = (0..4 << 20)
-        .map(|i: u32| (i * 2654435761 >> 13) as u8)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let mut sent_hash = Sha256::new();
     let started = Instant::now();
