@@ -145,9 +145,9 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
 fn permission_hint() -> &'static str {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        "running as root but without CAP_BPF/CAP_NET_ADMIN (a restricted container?)"
+        "running as root but without CAP_BPF/CAP_NET_ADMIN/CAP_PERFMON (a restricted container?)"
     } else {
-        "not running as root; run as root or grant CAP_BPF and CAP_NET_ADMIN"
+        "not running as root; run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
     }
 }
 
