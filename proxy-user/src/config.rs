@@ -88,6 +88,10 @@ pub struct RunArgs {
     #[arg(long = "max-tunnels", value_name = "N", default_value = "10000", value_parser = parse_positive)]
     pub max_tunnels: usize,
 
+    /// Handshakes (accept to 200 or refusal) in progress at once; more get 503.
+    #[arg(long = "max-handshakes", value_name = "N", default_value = "4096", value_parser = parse_positive)]
+    pub max_handshakes: usize,
+
     /// Time allowed for the whole request head (then 408).
     #[arg(long = "header-timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_nonzero)]
     pub header_timeout: Duration,
@@ -126,6 +130,7 @@ pub struct Config {
     pub allow_port: PortSet,
     pub mode: ModeArg,
     pub max_tunnels: usize,
+    pub max_handshakes: usize,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -183,6 +188,7 @@ impl RunArgs {
             allow_port,
             mode: self.mode,
             max_tunnels: self.max_tunnels,
+            max_handshakes: self.max_handshakes,
             header_timeout: self.header_timeout,
             connect_timeout: self.connect_timeout,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
@@ -298,6 +304,7 @@ mod tests {
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.max_handshakes, 4096);
         // Loopback without credentials: an open proxy for this host only.
         assert!(c.allow_anonymous);
         assert!(!run_args(&["--credentials", "u:p"]).unwrap().allow_anonymous);
@@ -319,6 +326,8 @@ mod tests {
             (&["--listen", "nowhere"][..], "--listen"),
             (&["--header-timeout", "0"][..], "--header-timeout"),
             (&["--max-tunnels", "0"][..], "--max-tunnels"),
+            (&["--max-handshakes", "0"][..], "--max-handshakes"),
+            (&["--max-handshakes", "many"][..], "--max-handshakes"),
             (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
             (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
             (&["--metrics-listen", "9090"][..], "--metrics-listen"),

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod auth;
 pub mod config;
 pub mod ebpf;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod request;

@@ -47,6 +47,11 @@ struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -78,6 +83,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     auth_failures: Counter,
     connect_errors: Family<KindLabels, Counter>,
+    limit_rejections: Family<LimitLabels, Counter>,
     handshake: Histogram,
 }
 
@@ -92,6 +98,7 @@ impl Metrics {
             requests: Family::default(),
             auth_failures: Counter::default(),
             connect_errors: Family::default(),
+            limit_rejections: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
         };
         let mode_s = mode.to_string();
@@ -113,6 +120,11 @@ impl Metrics {
         }
         for kind in CONNECT_ERROR_KINDS {
             let _ = m.connect_errors.get_or_create(&KindLabels { kind });
+        }
+        for limit in crate::limits::Limit::ALL {
+            let _ = m.limit_rejections.get_or_create(&LimitLabels {
+                limit: limit.label(),
+            });
         }
         let mut registry = m.registry;
         // Counters are registered without `_total`: the encoder appends it.
@@ -145,6 +157,11 @@ impl Metrics {
             "splice_proxy_upstream_connect_errors",
             "Failed upstream connects, by kind (dns, refused, timeout, denied)",
             m.connect_errors.clone(),
+        );
+        registry.register(
+            "splice_proxy_limit_rejections",
+            "Connections answered 503 at accept because a limit was reached, by limit",
+            m.limit_rejections.clone(),
         );
         registry.register(
             "splice_proxy_handshake_seconds",
@@ -183,6 +200,13 @@ impl Metrics {
     pub fn connect_failed(&self, kind: &'static str) {
         self.connect_errors
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// A connection was refused at accept by `limit` (`Limit::label`).
+    pub fn limit_rejected(&self, limit: &'static str) {
+        self.limit_rejections
+            .get_or_create(&LimitLabels { limit })
             .inc();
     }
 

@@ -1,6 +1,6 @@
 //! Listeners, the accept loop, and the life of one connection:
-//! accept → read request → authenticate → authorize → connect → reply →
-//! hand off to the data path → log.
+//! accept → admit (limits) → read request → authenticate → authorize →
+//! connect → reply → hand off to the data path → log.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::Record;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
+use crate::limits::{Admission, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::request::{self, RequestError, Status};
@@ -30,6 +31,7 @@ pub struct Proxy {
     pub header_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub metrics: Arc<Metrics>,
+    limits: Limits,
     tunnels: Arc<Semaphore>,
     /// Cancelled when the shutdown grace has run out: open tunnels close.
     close_tunnels: CancellationToken,
@@ -62,6 +64,7 @@ impl Proxy {
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,
             metrics,
+            limits: Limits::new(cfg.max_handshakes),
             tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
             close_tunnels: CancellationToken::new(),
         }
@@ -73,7 +76,23 @@ impl Proxy {
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
-        match self.handshake(&mut client, &mut record).await {
+        // Admit: over a limit, 503 at once, without reading the head.
+        let mut admission = match self.limits.admit() {
+            Ok(a) => a,
+            Err(limit) => {
+                self.metrics.limit_rejected(limit.label());
+                record.error = Some(format!("at {}", limit.flag()));
+                record.status = Some(Status::Unavailable.code());
+                self.metrics.answered(Status::Unavailable.code());
+                refuse(client, Status::Unavailable, None).await;
+                record.emit(&self.metrics);
+                return;
+            }
+        };
+        match self
+            .handshake(&mut client, &mut record, &mut admission)
+            .await
+        {
             Ok(est) => {
                 self.metrics.handshake_done(accepted.elapsed());
                 self.metrics.answered(200);
@@ -93,7 +112,7 @@ impl Proxy {
                 if let Some(status) = refusal {
                     record.status = Some(status.code());
                     self.metrics.answered(status.code());
-                    refuse(client, status).await;
+                    refuse(client, status, Some(&mut admission)).await;
                 }
             }
         }
@@ -104,6 +123,7 @@ impl Proxy {
         &self,
         client: &mut TcpStream,
         record: &mut Record,
+        admission: &mut Admission,
     ) -> Result<Established<'_>, Refusal> {
         // Read the request head, within the header timeout.
         let read = tokio::time::timeout(self.header_timeout, request::read_request(client)).await;
@@ -193,6 +213,7 @@ impl Proxy {
                 record.error = Some(format!("writing the 200: {e}"));
                 None
             })?;
+        admission.handshake_over();
         record.status = Some(200);
         Ok(Established {
             upstream,
@@ -216,8 +237,13 @@ impl Proxy {
 /// Answers a refused request and closes. The client may still be sending
 /// (an oversize head, say): read and drop a little of it so the close does
 /// not turn into a reset that destroys the response before it is read.
-async fn refuse(mut client: TcpStream, status: Status) {
-    if client.write_all(&status.response()).await.is_err() {
+/// The handshake slot is released once the response is written.
+async fn refuse(mut client: TcpStream, status: Status, admission: Option<&mut Admission>) {
+    let written = client.write_all(&status.response()).await;
+    if let Some(a) = admission {
+        a.handshake_over();
+    }
+    if written.is_err() {
         return;
     }
     let _ = client.shutdown().await;

@@ -1,0 +1,123 @@
+//! Abuse limits end to end (issue 6, "Abuse"): `--max-handshakes`, each
+//! checked on the wire and on `/metrics`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use splice_proxy_tests::rawhttp::{
+    connect, connect_head, echo_upstream, expect_failure, read_head,
+};
+use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
+
+const OK_200: &str = "HTTP/1.1 200 Connection established\r\n\r\n";
+
+/// A proxy with a metrics listener; returns it and the metrics address.
+fn proxy_with_metrics(extra: &[&str]) -> (Proxy, SocketAddr) {
+    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let maddr_s = maddr.to_string();
+    let mut args: Vec<&str> = TEST_POLICY.to_vec();
+    args.extend_from_slice(&["--mode", "copy", "--metrics-listen", &maddr_s]);
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(&args).expect("start proxy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(maddr).is_err() {
+        assert!(Instant::now() < deadline, "no metrics listener on {maddr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (proxy, maddr)
+}
+
+/// One sample of `/metrics` (0 when absent).
+fn metric(maddr: SocketAddr, series: &str) -> f64 {
+    let mut s = TcpStream::connect(maddr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let samples: HashMap<&str, f64> = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    samples.get(series).copied().unwrap_or(0.0)
+}
+
+/// Writes the first half of a CONNECT head: the handshake stays in progress.
+fn half_head(proxy: &Proxy, target: &str) -> TcpStream {
+    let mut s = connect(proxy.addr, Duration::from_secs(5)).unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\n").as_bytes())
+        .unwrap();
+    s
+}
+
+/// The head arrives; the answer must be 503 with `Connection: close`.
+fn expect_503(proxy: &Proxy, target: &str) {
+    let mut s = connect(proxy.addr, Duration::from_secs(5)).unwrap();
+    let _ = s.write_all(connect_head(target, &[]).as_bytes());
+    let r = read_head(&mut s).expect("a response");
+    expect_failure(&mut s, &r, 503).unwrap();
+}
+
+#[test]
+fn max_handshakes_refuses_beyond_the_cap_and_frees_slots_at_the_reply() {
+    let echo = echo_upstream().unwrap();
+    let target = echo.target();
+    let (proxy, maddr) = proxy_with_metrics(&["--allow-anonymous", "--max-handshakes", "3"]);
+    let rejected = r#"splice_proxy_limit_rejections_total{limit="handshakes"}"#;
+    assert_eq!(metric(maddr, rejected), 0.0);
+
+    // An established tunnel does not hold a handshake slot.
+    let (mut tunnel, r) =
+        splice_proxy_tests::rawhttp::exchange(proxy.addr, connect_head(&target, &[]).as_bytes())
+            .unwrap();
+    assert_eq!(r.raw, OK_200);
+
+    // Three handshakes in progress fill the cap; the fourth is refused.
+    let mut pending: Vec<TcpStream> = (0..3).map(|_| half_head(&proxy, &target)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    expect_503(&proxy, &target);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "503 took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(metric(maddr, rejected), 1.0);
+
+    // The established tunnel still carries bytes while the cap is full.
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tunnel.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    tunnel.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still here");
+
+    // One pending handshake completes: its slot is free as soon as the 200
+    // is written, while its tunnel stays open.
+    let mut done = pending.remove(0);
+    done.write_all(format!("Host: {target}\r\n\r\n").as_bytes())
+        .unwrap();
+    assert_eq!(read_head(&mut done).unwrap().raw, OK_200);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut fresh = half_head(&proxy, &target);
+    // The cap is full again: refused.
+    expect_503(&proxy, &target);
+    assert_eq!(metric(maddr, rejected), 2.0);
+
+    // A refusal frees its slot too: a malformed head is answered 400...
+    fresh.write_all(b"bogus\r\n\r\n").unwrap();
+    assert_eq!(read_head(&mut fresh).unwrap().status, 400);
+    std::thread::sleep(Duration::from_millis(100));
+    // ...and the next handshake is admitted and served.
+    let (_t, r) =
+        splice_proxy_tests::rawhttp::exchange(proxy.addr, connect_head(&target, &[]).as_bytes())
+            .unwrap();
+    assert_eq!(r.raw, OK_200);
+    assert_eq!(metric(maddr, rejected), 2.0);
+    drop(pending);
+}
