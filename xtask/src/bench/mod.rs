@@ -178,6 +178,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     }
     sys::install_signal_handlers();
     sys::raise_nofile();
+    targets::sweep_stale();
     eprintln!(
         "bench: load average at start {} (other work on this machine skews every figure)",
         std::fs::read_to_string("/proc/loadavg")

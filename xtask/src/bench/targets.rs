@@ -57,6 +57,30 @@ impl TempDir {
     }
 }
 
+/// Removes temp dirs left by earlier bench runs that were interrupted (Ctrl-C exits without
+/// unwinding): `splice-bench-<pid>-*` and the rsync scenario's `splice-peers-bench-rsync-<pid>-*`
+/// whose process is gone.
+pub fn sweep_stale() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("splice-bench-")
+            .or_else(|| name.strip_prefix("splice-peers-bench-rsync-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
