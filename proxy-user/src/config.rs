@@ -92,6 +92,11 @@ pub struct RunArgs {
     #[arg(long = "max-handshakes", value_name = "N", default_value = "4096", value_parser = parse_positive)]
     pub max_handshakes: usize,
 
+    /// Connections (handshakes and tunnels) one client address may hold at
+    /// once; more get 503. 0 = no cap.
+    #[arg(long = "max-conns-per-ip", value_name = "N", default_value = "4096", value_parser = parse_count)]
+    pub max_conns_per_ip: usize,
+
     /// Time allowed for the whole request head (then 408).
     #[arg(long = "header-timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_nonzero)]
     pub header_timeout: Duration,
@@ -131,6 +136,7 @@ pub struct Config {
     pub mode: ModeArg,
     pub max_tunnels: usize,
     pub max_handshakes: usize,
+    pub max_conns_per_ip: usize,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -189,6 +195,7 @@ impl RunArgs {
             mode: self.mode,
             max_tunnels: self.max_tunnels,
             max_handshakes: self.max_handshakes,
+            max_conns_per_ip: self.max_conns_per_ip,
             header_timeout: self.header_timeout,
             connect_timeout: self.connect_timeout,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
@@ -231,6 +238,11 @@ fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err("expected a whole number".into()),
     }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .map_err(|_| "expected a whole number (0 = no limit)".into())
 }
 
 /// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
@@ -305,6 +317,13 @@ mod tests {
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.metrics_listen, None);
         assert_eq!(c.max_handshakes, 4096);
+        assert_eq!(c.max_conns_per_ip, 4096);
+        assert_eq!(
+            run_args(&["--max-conns-per-ip", "0"])
+                .unwrap()
+                .max_conns_per_ip,
+            0
+        );
         // Loopback without credentials: an open proxy for this host only.
         assert!(c.allow_anonymous);
         assert!(!run_args(&["--credentials", "u:p"]).unwrap().allow_anonymous);
@@ -328,6 +347,8 @@ mod tests {
             (&["--max-tunnels", "0"][..], "--max-tunnels"),
             (&["--max-handshakes", "0"][..], "--max-handshakes"),
             (&["--max-handshakes", "many"][..], "--max-handshakes"),
+            (&["--max-conns-per-ip=-1"][..], "--max-conns-per-ip"),
+            (&["--max-conns-per-ip", "lots"][..], "--max-conns-per-ip"),
             (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
             (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
             (&["--metrics-listen", "9090"][..], "--metrics-listen"),

@@ -64,7 +64,7 @@ impl Proxy {
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,
             metrics,
-            limits: Limits::new(cfg.max_handshakes),
+            limits: Limits::new(cfg.max_handshakes, cfg.max_conns_per_ip),
             tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
             close_tunnels: CancellationToken::new(),
         }
@@ -77,7 +77,7 @@ impl Proxy {
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
         // Admit: over a limit, 503 at once, without reading the head.
-        let mut admission = match self.limits.admit() {
+        let mut admission = match self.limits.admit(peer.ip()) {
             Ok(a) => a,
             Err(limit) => {
                 self.metrics.limit_rejected(limit.label());

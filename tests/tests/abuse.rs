@@ -121,3 +121,86 @@ fn max_handshakes_refuses_beyond_the_cap_and_frees_slots_at_the_reply() {
     assert_eq!(metric(maddr, rejected), 2.0);
     drop(pending);
 }
+
+#[test]
+fn max_conns_per_ip_counts_tunnels_and_handshakes_of_one_address() {
+    let echo = echo_upstream().unwrap();
+    let target = echo.target();
+    let (proxy, maddr) = proxy_with_metrics(&["--allow-anonymous", "--max-conns-per-ip", "2"]);
+    let rejected = r#"splice_proxy_limit_rejections_total{limit="per_ip"}"#;
+    assert_eq!(metric(maddr, rejected), 0.0);
+
+    // From 127.0.0.1: one established tunnel and one handshake in progress.
+    let (tunnel, r) =
+        splice_proxy_tests::rawhttp::exchange(proxy.addr, connect_head(&target, &[]).as_bytes())
+            .unwrap();
+    assert_eq!(r.raw, OK_200);
+    let pending = half_head(&proxy, &target);
+    std::thread::sleep(Duration::from_millis(200));
+    // A third connection from the same address is refused at once.
+    let started = Instant::now();
+    expect_503(&proxy, &target);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(metric(maddr, rejected), 1.0);
+
+    // Another client address (127.0.0.2, also loopback) is served.
+    let other = from_addr("127.0.0.2", proxy.addr);
+    let mut other = other;
+    other
+        .write_all(connect_head(&target, &[]).as_bytes())
+        .unwrap();
+    assert_eq!(read_head(&mut other).unwrap().raw, OK_200);
+    assert_eq!(
+        metric(
+            maddr,
+            r#"splice_proxy_limit_rejections_total{limit="handshakes"}"#
+        ),
+        0.0
+    );
+
+    // Closing the tunnel frees a place for 127.0.0.1.
+    drop(tunnel);
+    drop(pending);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_t, r) =
+        splice_proxy_tests::rawhttp::exchange(proxy.addr, connect_head(&target, &[]).as_bytes())
+            .unwrap();
+    assert_eq!(r.raw, OK_200);
+    assert_eq!(metric(maddr, rejected), 1.0);
+}
+
+/// A connection to `to` from the loopback address `from` (any 127/8 works).
+fn from_addr(from: &str, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let from: std::net::Ipv4Addr = from.parse().unwrap();
+    // SAFETY: plain socket/bind/connect on a fresh fd owned by the TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let s = TcpStream::from_raw_fd(fd);
+        let sa = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let local = sa(from, 0);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        let SocketAddr::V4(to) = to else {
+            panic!("IPv4 proxy")
+        };
+        let remote = sa(*to.ip(), to.port());
+        assert_eq!(
+            libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+}
