@@ -97,6 +97,12 @@ pub struct RunArgs {
     #[arg(long = "max-conns-per-ip", value_name = "N", default_value = "4096", value_parser = parse_count)]
     pub max_conns_per_ip: usize,
 
+    /// After 5 authentication failures from one address within a minute,
+    /// each further 407 to it waits 250ms, doubling, at most this long.
+    /// 0 = no delay.
+    #[arg(long = "auth-fail-delay", value_name = "DURATION", default_value = "5s", value_parser = parse_auth_fail_delay)]
+    pub auth_fail_delay: Duration,
+
     /// Time allowed for the whole request head (then 408).
     #[arg(long = "header-timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_duration_nonzero)]
     pub header_timeout: Duration,
@@ -137,6 +143,8 @@ pub struct Config {
     pub max_tunnels: usize,
     pub max_handshakes: usize,
     pub max_conns_per_ip: usize,
+    /// Zero: off.
+    pub auth_fail_delay: Duration,
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -196,6 +204,7 @@ impl RunArgs {
             max_tunnels: self.max_tunnels,
             max_handshakes: self.max_handshakes,
             max_conns_per_ip: self.max_conns_per_ip,
+            auth_fail_delay: self.auth_fail_delay,
             header_timeout: self.header_timeout,
             connect_timeout: self.connect_timeout,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
@@ -243,6 +252,14 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 fn parse_count(s: &str) -> Result<usize, String> {
     s.parse::<usize>()
         .map_err(|_| "expected a whole number (0 = no limit)".into())
+}
+
+fn parse_auth_fail_delay(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(60) {
+        return Err("at most 60s (0 = off)".into());
+    }
+    Ok(d)
 }
 
 /// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
@@ -318,6 +335,7 @@ mod tests {
         assert_eq!(c.metrics_listen, None);
         assert_eq!(c.max_handshakes, 4096);
         assert_eq!(c.max_conns_per_ip, 4096);
+        assert_eq!(c.auth_fail_delay, Duration::from_secs(5));
         assert_eq!(
             run_args(&["--max-conns-per-ip", "0"])
                 .unwrap()
@@ -349,6 +367,8 @@ mod tests {
             (&["--max-handshakes", "many"][..], "--max-handshakes"),
             (&["--max-conns-per-ip=-1"][..], "--max-conns-per-ip"),
             (&["--max-conns-per-ip", "lots"][..], "--max-conns-per-ip"),
+            (&["--auth-fail-delay", "soon"][..], "--auth-fail-delay"),
+            (&["--auth-fail-delay", "2h"][..], "--auth-fail-delay"),
             (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
             (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
             (&["--metrics-listen", "9090"][..], "--metrics-listen"),

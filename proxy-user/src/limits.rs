@@ -1,11 +1,13 @@
 //! Abuse limits on the connection path: how many handshakes may be in
-//! progress at once, and how many connections one client address may hold.
-//! `server.rs` asks [`Limits::admit`] right after accept and holds the
-//! [`Admission`] while the connection lives.
+//! progress at once, how many connections one client address may hold, and
+//! how long a `407` waits after repeated authentication failures from one
+//! address. `server.rs` asks [`Limits::admit`] right after accept and holds
+//! the [`Admission`] while the connection lives.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -41,6 +43,7 @@ impl Limit {
 pub struct Limits {
     handshakes: Arc<Semaphore>,
     per_ip: Option<Arc<PerIp>>,
+    auth_failures: Option<Mutex<AuthFailures>>,
 }
 
 /// What an admitted connection holds.
@@ -97,9 +100,16 @@ impl Admission {
 }
 
 impl Limits {
-    /// `max_conns_per_ip` 0: no per-address cap.
-    pub fn new(max_handshakes: usize, max_conns_per_ip: usize) -> Limits {
+    /// `max_conns_per_ip` 0: no per-address cap; `auth_fail_delay` zero: no
+    /// delay after authentication failures.
+    pub fn new(
+        max_handshakes: usize,
+        max_conns_per_ip: usize,
+        auth_fail_delay: Duration,
+    ) -> Limits {
         Limits {
+            auth_failures: (!auth_fail_delay.is_zero())
+                .then(|| Mutex::new(AuthFailures::new(auth_fail_delay))),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_ip: (max_conns_per_ip > 0).then(|| {
                 Arc::new(PerIp {
@@ -129,6 +139,103 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// Authentication from `ip` failed: how long its `407` waits (zero for
+    /// the first [`FREE_FAILURES`]).
+    pub fn auth_failed(&self, ip: IpAddr) -> Duration {
+        match &self.auth_failures {
+            Some(t) => t
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .failed(ip.to_canonical(), Instant::now()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Authentication from `ip` succeeded: its failures are forgotten.
+    pub fn auth_succeeded(&self, ip: IpAddr) {
+        if let Some(t) = &self.auth_failures {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entries
+                .remove(&ip.to_canonical());
+        }
+    }
+}
+
+/// Failures an address may have before its `407`s are delayed.
+pub const FREE_FAILURES: u32 = 5;
+/// An address's failures are forgotten this long after its last one.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// The delay of the first delayed `407`; it doubles with each further failure.
+pub const FIRST_DELAY: Duration = Duration::from_millis(250);
+/// Addresses remembered at most; beyond it the expired, then the stalest go.
+pub const MAX_TRACKED: usize = 16 * 1024;
+
+/// Recent authentication failures by client address.
+struct AuthFailures {
+    max_delay: Duration,
+    entries: HashMap<IpAddr, Failures>,
+}
+
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+impl AuthFailures {
+    fn new(max_delay: Duration) -> AuthFailures {
+        AuthFailures {
+            max_delay,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Records a failure from `ip` at `now`; returns the delay for its 407.
+    fn failed(&mut self, ip: IpAddr, now: Instant) -> Duration {
+        if self.entries.len() >= MAX_TRACKED && !self.entries.contains_key(&ip) {
+            self.make_room(now);
+        }
+        let f = self.entries.entry(ip).or_insert(Failures {
+            count: 0,
+            last: now,
+        });
+        if now.saturating_duration_since(f.last) > FAILURE_WINDOW {
+            f.count = 0;
+        }
+        f.count = f.count.saturating_add(1);
+        f.last = now;
+        delay_for(f.count, self.max_delay)
+    }
+
+    /// Drops expired entries; if none had expired, the stalest one.
+    fn make_room(&mut self, now: Instant) {
+        self.entries
+            .retain(|_, f| now.saturating_duration_since(f.last) <= FAILURE_WINDOW);
+        if self.entries.len() >= MAX_TRACKED {
+            if let Some(ip) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, f)| f.last)
+                .map(|(ip, _)| *ip)
+            {
+                self.entries.remove(&ip);
+            }
+        }
+    }
+}
+
+/// The delay for the `count`th failure in a row: none up to
+/// [`FREE_FAILURES`], then [`FIRST_DELAY`] doubling, at most `max`.
+fn delay_for(count: u32, max: Duration) -> Duration {
+    if count <= FREE_FAILURES {
+        return Duration::ZERO;
+    }
+    let doublings = (count - FREE_FAILURES - 1).min(20);
+    FIRST_DELAY.saturating_mul(1 << doublings).min(max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,7 +245,7 @@ mod tests {
 
     #[test]
     fn handshake_slots_are_counted_and_released() {
-        let limits = Limits::new(2, 0);
+        let limits = Limits::new(2, 0, Duration::ZERO);
         let mut a = limits.admit(A).unwrap();
         let _b = limits.admit(A).unwrap();
         assert_eq!(limits.admit(B).err(), Some(Limit::Handshakes));
@@ -151,7 +258,7 @@ mod tests {
 
     #[test]
     fn per_ip_counts_whole_connections_by_address() {
-        let limits = Limits::new(100, 2);
+        let limits = Limits::new(100, 2, Duration::ZERO);
         let mut a1 = limits.admit(A).unwrap();
         a1.handshake_over(); // an established tunnel still counts
         let a2 = limits.admit(A).unwrap();
@@ -180,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_per_ip_refusal_takes_no_handshake_slot() {
-        let limits = Limits::new(1, 1);
+        let limits = Limits::new(1, 1, Duration::ZERO);
         let a = limits.admit(A).unwrap();
         assert_eq!(limits.admit(A).err(), Some(Limit::PerIp));
         drop(a);
@@ -189,8 +296,73 @@ mod tests {
 
     #[test]
     fn zero_means_no_per_ip_cap() {
-        let limits = Limits::new(1000, 0);
+        let limits = Limits::new(1000, 0, Duration::ZERO);
         let held: Vec<_> = (0..500).map(|_| limits.admit(A).unwrap()).collect();
         assert_eq!(held.len(), 500);
+    }
+
+    #[test]
+    fn delays_grow_after_the_free_failures_and_are_capped() {
+        let max = Duration::from_secs(5);
+        let ms = |n| Duration::from_millis(n);
+        let delays: Vec<Duration> = (1..=12).map(|n| delay_for(n, max)).collect();
+        assert_eq!(
+            delays,
+            [0, 0, 0, 0, 0, 250, 500, 1000, 2000, 4000, 5000, 5000].map(ms)
+        );
+        assert_eq!(delay_for(u32::MAX, max), max);
+        assert_eq!(delay_for(7, ms(300)), ms(300));
+    }
+
+    #[test]
+    fn failures_count_per_address_and_expire() {
+        let mut t = AuthFailures::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(t.failed(A, t0), Duration::ZERO);
+        }
+        assert_eq!(t.failed(A, t0), FIRST_DELAY);
+        assert_eq!(t.failed(B, t0), Duration::ZERO);
+        // Within the window of the last failure: still counted.
+        let t1 = t0 + FAILURE_WINDOW;
+        assert_eq!(t.failed(A, t1), FIRST_DELAY * 2);
+        // A window after the last failure: forgotten.
+        let t2 = t1 + FAILURE_WINDOW + Duration::from_secs(1);
+        assert_eq!(t.failed(A, t2), Duration::ZERO);
+    }
+
+    #[test]
+    fn success_forgets_and_zero_is_off() {
+        let limits = Limits::new(10, 0, Duration::from_secs(5));
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(limits.auth_failed(A), Duration::ZERO);
+        }
+        assert_eq!(limits.auth_failed(A), FIRST_DELAY);
+        limits.auth_succeeded(A);
+        assert_eq!(limits.auth_failed(A), Duration::ZERO);
+        let off = Limits::new(10, 0, Duration::ZERO);
+        for _ in 0..100 {
+            assert_eq!(off.auth_failed(A), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut t = AuthFailures::new(Duration::from_secs(5));
+        let now = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 + 1000) {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(u128::from(i) + 1));
+            t.failed(ip, now + Duration::from_millis(u64::from(i)));
+        }
+        assert!(t.entries.len() <= MAX_TRACKED);
+        // The newest are kept, the stalest went first.
+        let newest = IpAddr::V6(std::net::Ipv6Addr::from(u128::from(
+            MAX_TRACKED as u32 + 1000,
+        )));
+        assert!(t.entries.contains_key(&newest));
+        assert!(
+            !t.entries
+                .contains_key(&IpAddr::V6(std::net::Ipv6Addr::from(1u128)))
+        );
     }
 }

@@ -82,6 +82,7 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     requests: Family<StatusLabels, Counter>,
     auth_failures: Counter,
+    auth_delays: Counter,
     connect_errors: Family<KindLabels, Counter>,
     limit_rejections: Family<LimitLabels, Counter>,
     handshake: Histogram,
@@ -97,6 +98,7 @@ impl Metrics {
             bytes: Family::default(),
             requests: Family::default(),
             auth_failures: Counter::default(),
+            auth_delays: Counter::default(),
             connect_errors: Family::default(),
             limit_rejections: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
@@ -154,6 +156,11 @@ impl Metrics {
             m.auth_failures.clone(),
         );
         registry.register(
+            "splice_proxy_auth_delays",
+            "407s delayed after repeated authentication failures from one address (--auth-fail-delay)",
+            m.auth_delays.clone(),
+        );
+        registry.register(
             "splice_proxy_upstream_connect_errors",
             "Failed upstream connects, by kind (dns, refused, timeout, denied)",
             m.connect_errors.clone(),
@@ -194,6 +201,11 @@ impl Metrics {
     /// A request was refused with 407.
     pub fn auth_failed(&self) {
         self.auth_failures.inc();
+    }
+
+    /// A 407 was delayed after repeated failures from its address.
+    pub fn auth_delayed(&self) {
+        self.auth_delays.inc();
     }
 
     /// Connecting upstream failed; `kind` is `ConnectError::kind`.

@@ -64,7 +64,11 @@ impl Proxy {
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,
             metrics,
-            limits: Limits::new(cfg.max_handshakes, cfg.max_conns_per_ip),
+            limits: Limits::new(
+                cfg.max_handshakes,
+                cfg.max_conns_per_ip,
+                cfg.auth_fail_delay,
+            ),
             tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
             close_tunnels: CancellationToken::new(),
         }
@@ -144,18 +148,27 @@ impl Proxy {
         };
         record.target = Some(req.target.to_string());
 
-        // Authenticate.
-        let user = self
-            .authenticate(req.proxy_authorization)
-            .await
-            .map_err(|e| {
+        // Authenticate. Repeated failures from one address: its 407s wait.
+        let ip = record.client.ip();
+        let user = match self.authenticate(req.proxy_authorization).await {
+            Ok(user) => {
+                self.limits.auth_succeeded(ip);
+                user
+            }
+            Err(e) => {
                 if let AuthError::Wrong(u) = &e {
                     record.user = Some(u.clone());
                 }
                 self.metrics.auth_failed();
                 record.error = Some(e.to_string());
-                Some(Status::ProxyAuthRequired)
-            })?;
+                let delay = self.limits.auth_failed(ip);
+                if !delay.is_zero() {
+                    self.metrics.auth_delayed();
+                    tokio::time::sleep(delay).await;
+                }
+                return Err(Some(Status::ProxyAuthRequired));
+            }
+        };
         record.user = user;
 
         // Authorize the destination name and port.

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
-    connect, connect_head, echo_upstream, expect_failure, read_head,
+    basic, connect, connect_head, echo_upstream, expect_failure, read_head,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
 
@@ -105,6 +105,8 @@ fn max_handshakes_refuses_beyond_the_cap_and_frees_slots_at_the_reply() {
     assert_eq!(read_head(&mut done).unwrap().raw, OK_200);
     std::thread::sleep(Duration::from_millis(100));
     let mut fresh = half_head(&proxy, &target);
+    // (admission happens in the connection's task: let it run first)
+    std::thread::sleep(Duration::from_millis(200));
     // The cap is full again: refused.
     expect_503(&proxy, &target);
     assert_eq!(metric(maddr, rejected), 2.0);
@@ -203,4 +205,79 @@ fn from_addr(from: &str, to: SocketAddr) -> TcpStream {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s
     }
+}
+
+/// Sends a CONNECT with `user:pass` from `from`; returns the status and how
+/// long the answer took.
+fn timed_auth(proxy: &Proxy, from: &str, target: &str, pass: &str) -> (u16, Duration) {
+    let mut s = from_addr(from, proxy.addr);
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let auth = format!("Proxy-Authorization: {}", basic("Basic", "mig", pass));
+    let started = Instant::now();
+    s.write_all(connect_head(target, &[auth]).as_bytes())
+        .unwrap();
+    let r = read_head(&mut s).unwrap();
+    (r.status, started.elapsed())
+}
+
+#[test]
+fn auth_fail_delay_slows_repeated_407s_from_one_address() {
+    let echo = echo_upstream().unwrap();
+    let target = echo.target();
+    let (proxy, maddr) =
+        proxy_with_metrics(&["--credentials", "mig:right", "--auth-fail-delay", "1s"]);
+    let delays = "splice_proxy_auth_delays_total";
+    assert_eq!(metric(maddr, delays), 0.0);
+    let fast = Duration::from_millis(200);
+
+    // Five free failures, answered at once.
+    for i in 0..5 {
+        let (status, took) = timed_auth(&proxy, "127.0.0.1", &target, "wrong");
+        assert_eq!(status, 407);
+        assert!(took < fast, "failure {i} took {took:?}");
+    }
+    assert_eq!(metric(maddr, delays), 0.0);
+    // Then 250 ms, 500 ms, then the 1 s cap.
+    for (want, i) in [(250, 6), (500, 7), (1000, 8), (1000, 9)] {
+        let (status, took) = timed_auth(&proxy, "127.0.0.1", &target, "wrong");
+        assert_eq!(status, 407);
+        let want = Duration::from_millis(want);
+        assert!(
+            took >= want && took < want + fast,
+            "failure {i} took {took:?}, want {want:?}"
+        );
+    }
+    assert_eq!(metric(maddr, delays), 4.0);
+    assert_eq!(metric(maddr, "splice_proxy_auth_failures_total"), 9.0);
+
+    // Another address is not delayed.
+    let (status, took) = timed_auth(&proxy, "127.0.0.2", &target, "wrong");
+    assert_eq!(status, 407);
+    assert!(took < fast, "{took:?}");
+
+    // The right password is served at once, and forgives the address.
+    let (status, took) = timed_auth(&proxy, "127.0.0.1", &target, "right");
+    assert_eq!(status, 200);
+    assert!(took < fast, "{took:?}");
+    let (status, took) = timed_auth(&proxy, "127.0.0.1", &target, "wrong");
+    assert_eq!(status, 407);
+    assert!(took < fast, "{took:?}");
+    assert_eq!(metric(maddr, delays), 4.0);
+}
+
+#[test]
+fn auth_fail_delay_zero_is_off() {
+    let echo = echo_upstream().unwrap();
+    let target = echo.target();
+    let (proxy, maddr) =
+        proxy_with_metrics(&["--credentials", "mig:right", "--auth-fail-delay", "0"]);
+    for i in 0..10 {
+        let (status, took) = timed_auth(&proxy, "127.0.0.1", &target, "wrong");
+        assert_eq!(status, 407);
+        assert!(
+            took < Duration::from_millis(200),
+            "failure {i} took {took:?}"
+        );
+    }
+    assert_eq!(metric(maddr, "splice_proxy_auth_delays_total"), 0.0);
 }
