@@ -281,3 +281,148 @@ fn auth_fail_delay_zero_is_off() {
     }
     assert_eq!(metric(maddr, "splice_proxy_auth_delays_total"), 0.0);
 }
+
+/// Slowloris: 2,000 connections dribble their head one byte per second
+/// each. With the default limits a legitimate client is still served at
+/// once while they dribble, and every dribbler is cut at `--header-timeout`.
+#[test]
+fn slowloris_does_not_starve_legitimate_clients() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const DRIBBLERS: usize = 2000;
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let limit = splice_proxy_tests::raise_fd_limit();
+    assert!(
+        limit >= 2 * DRIBBLERS as u64 + 500,
+        "RLIMIT_NOFILE {limit} is too low for {DRIBBLERS} connections"
+    );
+    let echo = echo_upstream().unwrap();
+    let target = echo.target();
+    // Default --max-handshakes and --max-conns-per-ip.
+    let (proxy, maddr) = proxy_with_metrics(&["--allow-anonymous", "--header-timeout", "3s"]);
+
+    struct Dribbler {
+        s: TcpStream,
+        opened: Instant,
+        /// When the proxy cut it, and what it saw.
+        cut: Option<(Instant, String)>,
+    }
+    let head = format!("CONNECT {target} HTTP/1.1\r\nX-Slow: ");
+    let head = head.as_bytes();
+    let mut dribblers: Vec<Dribbler> = Vec::with_capacity(DRIBBLERS);
+    let opening = Instant::now();
+    for _ in 0..DRIBBLERS {
+        let mut s = TcpStream::connect(proxy.addr).unwrap();
+        s.write_all(&head[..1]).unwrap();
+        s.set_nonblocking(true).unwrap();
+        dribblers.push(Dribbler {
+            s,
+            opened: Instant::now(),
+            cut: None,
+        });
+    }
+    let opened_in = opening.elapsed();
+    let alive = Arc::new(AtomicUsize::new(DRIBBLERS));
+    let done = Arc::new(AtomicBool::new(false));
+
+    // Legitimate clients, from another thread, while the dribblers dribble.
+    let legit = {
+        let (alive, done, addr, target) = (alive.clone(), done.clone(), proxy.addr, target.clone());
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            for _ in 0..5 {
+                let dribbling = alive.load(Ordering::SeqCst);
+                let started = Instant::now();
+                let mut s = connect(addr, Duration::from_secs(5)).unwrap();
+                s.write_all(connect_head(&target, &[]).as_bytes()).unwrap();
+                let r = read_head(&mut s).map(|r| r.raw);
+                let took = started.elapsed();
+                s.write_all(b"ping").unwrap();
+                let mut back = [0u8; 4];
+                s.read_exact(&mut back).unwrap();
+                assert_eq!(&back, b"ping");
+                results.push((dribbling, took, r.unwrap()));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            done.store(true, Ordering::SeqCst);
+            results
+        })
+    };
+
+    // Dribble one byte a second each; watch for the proxy cutting them.
+    let mut sent = 1usize;
+    let mut next_byte = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + TIMEOUT + Duration::from_secs(4);
+    let mut buf = [0u8; 512];
+    while dribblers.iter().any(|d| d.cut.is_none()) && Instant::now() < deadline {
+        let tick = Instant::now() >= next_byte;
+        for d in dribblers.iter_mut().filter(|d| d.cut.is_none()) {
+            let seen = match (&d.s).read(&mut buf) {
+                Ok(0) => Some("eof".to_string()),
+                Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                Err(e) => Some(format!("error: {e}")),
+            };
+            if let Some(seen) = seen {
+                d.cut = Some((Instant::now(), seen));
+                alive.fetch_sub(1, Ordering::SeqCst);
+            } else if tick {
+                let _ = d.s.write(&head[sent % head.len()..][..1]);
+            }
+        }
+        if tick {
+            sent += 1;
+            next_byte += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let results = legit.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+
+    let mut worst = Duration::ZERO;
+    for (dribbling, took, raw) in &results {
+        assert_eq!(raw, OK_200);
+        assert!(
+            *dribbling >= DRIBBLERS * 9 / 10,
+            "legit client ran with only {dribbling} dribblers left"
+        );
+        assert!(*took < Duration::from_secs(1), "legit 200 took {took:?}");
+        worst = worst.max(*took);
+    }
+    let mut cut_after = Vec::new();
+    for d in &dribblers {
+        let (at, seen) = d.cut.as_ref().expect("a dribbler was never cut");
+        assert!(
+            seen.starts_with("HTTP/1.1 408 ") || seen == "eof",
+            "dribbler saw {seen:?}"
+        );
+        cut_after.push(at.duration_since(d.opened));
+    }
+    cut_after.sort();
+    let (first, last) = (cut_after[0], cut_after[cut_after.len() - 1]);
+    assert!(
+        first >= TIMEOUT - Duration::from_millis(100),
+        "cut after {first:?}"
+    );
+    assert!(
+        last < TIMEOUT + Duration::from_millis(1500),
+        "cut after {last:?}"
+    );
+    assert_eq!(
+        metric(
+            maddr,
+            r#"splice_proxy_limit_rejections_total{limit="handshakes"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(maddr, r#"splice_proxy_requests_total{status="408"}"#),
+        DRIBBLERS as f64
+    );
+    eprintln!(
+        "slowloris: {DRIBBLERS} dribblers opened in {opened_in:?}; legit 200 in {:?} (worst {worst:?}) with {:?} dribbling; dribblers cut {first:?}..{last:?} after connect",
+        results.iter().map(|r| r.1).collect::<Vec<_>>(),
+        results.iter().map(|r| r.0).collect::<Vec<_>>(),
+    );
+}
