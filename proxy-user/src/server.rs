@@ -80,7 +80,7 @@ impl Proxy {
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
-        // Admit: over a limit, 503 at once, without reading the head.
+        // Admit: over a limit, 503 and close at once, without reading the head.
         let mut admission = match self.limits.admit(peer.ip()) {
             Ok(a) => a,
             Err(limit) => {
@@ -88,7 +88,7 @@ impl Proxy {
                 record.error = Some(format!("at {}", limit.flag()));
                 record.status = Some(Status::Unavailable.code());
                 self.metrics.answered(Status::Unavailable.code());
-                refuse(client, Status::Unavailable, None).await;
+                refuse_at_once(client, Status::Unavailable);
                 record.emit(&self.metrics);
                 return;
             }
@@ -116,7 +116,7 @@ impl Proxy {
                 if let Some(status) = refusal {
                     record.status = Some(status.code());
                     self.metrics.answered(status.code());
-                    refuse(client, status, Some(&mut admission)).await;
+                    refuse(client, status, &mut admission).await;
                 }
             }
         }
@@ -251,11 +251,9 @@ impl Proxy {
 /// (an oversize head, say): read and drop a little of it so the close does
 /// not turn into a reset that destroys the response before it is read.
 /// The handshake slot is released once the response is written.
-async fn refuse(mut client: TcpStream, status: Status, admission: Option<&mut Admission>) {
+async fn refuse(mut client: TcpStream, status: Status, admission: &mut Admission) {
     let written = client.write_all(&status.response()).await;
-    if let Some(a) = admission {
-        a.handshake_over();
-    }
+    admission.handshake_over();
     if written.is_err() {
         return;
     }
@@ -271,6 +269,23 @@ async fn refuse(mut client: TcpStream, status: Status, admission: Option<&mut Ad
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+/// Answers a connection refused at accept by a limit and closes it without
+/// waiting: a flood beyond the limits holds no descriptor past this call.
+/// Whatever the client sent already is read first, so the close is a FIN
+/// rather than a reset that could destroy the response.
+fn refuse_at_once(client: TcpStream, status: Status) {
+    use std::io::{Read, Write};
+    // Non-blocking: the response fits an empty socket buffer, and reading
+    // takes only what has arrived.
+    let Ok(mut client) = client.into_std() else {
+        return;
+    };
+    let _ = client.write(&status.response());
+    let mut sink = [0u8; 16 * 1024];
+    let _ = client.read(&mut sink);
+    let _ = client.shutdown(std::net::Shutdown::Write);
 }
 
 /// Binds every listen address; an error names the address.

@@ -26,6 +26,9 @@ fn proxy_with_metrics(extra: &[&str]) -> (Proxy, SocketAddr) {
         assert!(Instant::now() < deadline, "no metrics listener on {maddr}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Let the proxy see the end of the harness's readiness probe (a
+    // connection from 127.0.0.1 that counts against per-address caps).
+    std::thread::sleep(Duration::from_millis(200));
     (proxy, maddr)
 }
 
@@ -424,5 +427,44 @@ fn slowloris_does_not_starve_legitimate_clients() {
         "slowloris: {DRIBBLERS} dribblers opened in {opened_in:?}; legit 200 in {:?} (worst {worst:?}) with {:?} dribbling; dribblers cut {first:?}..{last:?} after connect",
         results.iter().map(|r| r.1).collect::<Vec<_>>(),
         results.iter().map(|r| r.0).collect::<Vec<_>>(),
+    );
+}
+
+/// A refusal at accept costs the proxy no descriptor beyond the answer:
+/// 200 clients over the per-address cap, all keeping their sockets open,
+/// each read a whole 503, and the proxy's fd count is back at once.
+#[test]
+fn limit_refusals_are_answered_and_closed_at_once() {
+    let echo = echo_upstream().unwrap();
+    let target = echo.target();
+    let (proxy, maddr) = proxy_with_metrics(&["--allow-anonymous", "--max-conns-per-ip", "1"]);
+    let (_holder, r) =
+        splice_proxy_tests::rawhttp::exchange(proxy.addr, connect_head(&target, &[]).as_bytes())
+            .unwrap();
+    assert_eq!(r.raw, OK_200);
+    std::thread::sleep(Duration::from_millis(100));
+    let baseline = proxy.fd_count();
+    let mut clients: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = connect(proxy.addr, Duration::from_secs(5)).unwrap();
+            let _ = s.write_all(connect_head(&target, &[]).as_bytes());
+            s
+        })
+        .collect();
+    for s in &mut clients {
+        let r = read_head(s).expect("a whole 503 before the close");
+        assert_eq!(r.status, 503, "{:?}", r.raw);
+        assert!(r.has_token("Connection", "close"), "{:?}", r.raw);
+    }
+    // The clients still hold their ends open; the proxy holds none of them.
+    std::thread::sleep(Duration::from_millis(300));
+    let now = proxy.fd_count();
+    assert!(now <= baseline + 2, "proxy fds {baseline} -> {now}");
+    assert_eq!(
+        metric(
+            maddr,
+            r#"splice_proxy_limit_rejections_total{limit="per_ip"}"#
+        ),
+        200.0
     );
 }
