@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
-    basic, connect, connect_head, echo_upstream, expect_failure, read_head,
+    basic, connect, connect_head, echo_upstream, expect_failure, read_head, run_cli,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
 
@@ -467,4 +467,27 @@ fn limit_refusals_are_answered_and_closed_at_once() {
         ),
         200.0
     );
+}
+
+#[test]
+fn bad_limit_values_exit_2_naming_the_flag() {
+    let local = format!("127.0.0.1:{}", free_port());
+    for (flag, value) in [
+        ("--max-handshakes", "0"),
+        ("--max-handshakes", "many"),
+        ("--max-conns-per-ip", "-1"),
+        ("--max-conns-per-ip", "lots"),
+        ("--auth-fail-delay", "soon"),
+        ("--auth-fail-delay", "2h"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let (code, stderr, _) =
+            run_cli(&["run", "--listen", &local, &arg], Duration::from_secs(5)).unwrap();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(code, Some(2), "{arg}: {stderr}");
+        assert!(
+            lines.len() == 1 && lines[0].contains(flag),
+            "{arg}: want one line naming {flag}: {stderr:?}"
+        );
+    }
 }
