@@ -77,6 +77,10 @@ pub struct Opts {
     /// Concurrent clients in the handshake scenario.
     #[arg(long, default_value_t = 50)]
     pub clients: usize,
+    /// Extra flag for every splice-proxy target, repeatable, e.g. `--proxy-arg=--max-conns-per-ip
+    /// --proxy-arg=0` for more than 4,096 idle tunnels (all come from one loopback address).
+    #[arg(long, allow_hyphen_values = true)]
+    pub proxy_arg: Vec<String>,
     /// Seconds to wait for a proxy to start and pass one CONNECT.
     #[arg(long, default_value_t = 30)]
     pub start_timeout: u64,
@@ -224,6 +228,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
             proxy_bin,
             Duration::from_secs(opts.start_timeout),
             &extra_ports,
+            &opts.proxy_arg,
         )?);
     }
 
@@ -369,6 +374,7 @@ mod smoke {
             secs: Some(0.2),
             idle_tunnels: Some(20),
             clients: 8,
+            proxy_arg: Vec::new(),
             // Slow starts are tolerated; a proxy that never works fails the test.
             start_timeout: 45,
         };

@@ -180,6 +180,7 @@ pub fn start(
     proxy_bin: &Path,
     patience: Duration,
     extra_ports: &[u16],
+    proxy_args: &[String],
 ) -> Result<Running> {
     let ports: Vec<u16> = std::iter::once(sink.port())
         .chain(extra_ports.iter().copied())
@@ -201,6 +202,7 @@ pub fn start(
                 .args(["--credentials", &format!("{USER}:{PASS}")])
                 .args(["--allow-dst", "127.0.0.0/8", "--allow-port", "1-65535"])
                 .args(["--max-tunnels", "100000"])
+                .args(proxy_args)
                 // No per-tunnel access log: squid and tinyproxy run with theirs off too.
                 .env("RUST_LOG", "warn");
             c
