@@ -397,11 +397,7 @@ impl Registration<'_> {
                 (End::UpstreamReset, Some(format!("upstream: {e}")))
             }
         };
-        let mut last_bytes = self.bytes();
-        let mut last_change = tokio::time::Instant::now();
-        let tick = idle.map_or(Duration::from_secs(3600), |d| {
-            (d / 4).max(Duration::from_millis(10))
-        });
+        let mut clock = IdleClock::new(idle, self.bytes());
         while !(up_done && down_done) {
             tokio::select! {
                 ev = next_event(client), if !up_done && self.client_armed => match ev {
@@ -432,12 +428,8 @@ impl Registration<'_> {
                 },
                 e = next_error(client), if up_done => return (End::ClientReset, Some(format!("client: {e}"))),
                 e = next_error(upstream), if down_done => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
-                () = tokio::time::sleep(tick), if idle.is_some() => {
-                    let now = self.bytes();
-                    if now != last_bytes {
-                        last_bytes = now;
-                        last_change = tokio::time::Instant::now();
-                    } else if last_change.elapsed() >= idle.unwrap_or_default() {
+                () = tokio::time::sleep(clock.tick()), if idle.is_some() => {
+                    if clock.expired(self.bytes()) {
                         return (End::Idle, None);
                     }
                 }
@@ -528,11 +520,7 @@ impl Registration<'_> {
         cancel: &CancellationToken,
     ) -> (End, Option<String>) {
         let (mut up_done, mut down_done) = (false, false);
-        let mut last_bytes = self.bytes();
-        let mut last_change = tokio::time::Instant::now();
-        let tick = idle.map_or(Duration::from_secs(3600), |d| {
-            (d / 4).max(Duration::from_millis(10))
-        });
+        let mut clock = IdleClock::new(idle, self.bytes());
         while !(up_done && down_done) {
             tokio::select! {
                 events = watch.next() => {
@@ -571,12 +559,8 @@ impl Registration<'_> {
                         }
                     }
                 }
-                () = tokio::time::sleep(tick), if idle.is_some() => {
-                    let now = self.bytes();
-                    if now != last_bytes {
-                        last_bytes = now;
-                        last_change = tokio::time::Instant::now();
-                    } else if last_change.elapsed() >= idle.unwrap_or_default() {
+                () = tokio::time::sleep(clock.tick()), if idle.is_some() => {
+                    if clock.expired(self.bytes()) {
                         return (End::Idle, None);
                     }
                 }
@@ -584,6 +568,40 @@ impl Registration<'_> {
             }
         }
         (End::Closed, None)
+    }
+}
+
+/// When a kernel-forwarded tunnel's byte counts last moved, for `--idle-timeout`.
+struct IdleClock {
+    idle: Option<Duration>,
+    last: (u64, u64),
+    since: tokio::time::Instant,
+}
+
+impl IdleClock {
+    fn new(idle: Option<Duration>, bytes: (u64, u64)) -> IdleClock {
+        IdleClock {
+            idle,
+            last: bytes,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// How often to look at the counters.
+    fn tick(&self) -> Duration {
+        self.idle.map_or(Duration::from_secs(3600), |d| {
+            (d / 4).max(Duration::from_millis(10))
+        })
+    }
+
+    /// True once the counters have not moved for the idle timeout.
+    fn expired(&mut self, bytes: (u64, u64)) -> bool {
+        if bytes != self.last {
+            self.last = bytes;
+            self.since = tokio::time::Instant::now();
+            return false;
+        }
+        self.idle.is_some_and(|d| self.since.elapsed() >= d)
     }
 }
 
