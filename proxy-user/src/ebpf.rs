@@ -81,16 +81,21 @@ pub fn load_with_capacity(max_sockets: u32) -> Result<Ebpf, EbpfError> {
             return Err(EbpfError::Missing { kind: "map", name });
         }
     }
-    let program: &mut SkSkb = ebpf
-        .program_mut(PROGRAM_NAME)
+    verdict_program(&mut ebpf)?
+        .load()
+        .map_err(classify_program_error)?;
+    Ok(ebpf)
+}
+
+/// The stream-verdict program of a loaded object.
+pub fn verdict_program(ebpf: &mut Ebpf) -> Result<&mut SkSkb, EbpfError> {
+    ebpf.program_mut(PROGRAM_NAME)
         .ok_or(EbpfError::Missing {
             kind: "program",
             name: PROGRAM_NAME,
         })?
         .try_into()
-        .map_err(|e: ProgramError| EbpfError::InvalidObject(format!("{PROGRAM_NAME}: {e}")))?;
-    program.load().map_err(classify_program_error)?;
-    Ok(ebpf)
+        .map_err(|e: ProgramError| EbpfError::InvalidObject(format!("{PROGRAM_NAME}: {e}")))
 }
 
 /// The program's global counters, summed over all CPUs.

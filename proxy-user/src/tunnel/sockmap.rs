@@ -27,14 +27,13 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
-use aya::programs::SkSkb;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{End, Progress, PumpError};
-use crate::ebpf::{self, ARMED_MAP, BYTES_MAP, EbpfError, PEERS_MAP, PROGRAM_NAME};
+use crate::ebpf::{self, ARMED_MAP, BYTES_MAP, EbpfError, PEERS_MAP};
 
 /// The loaded program and its maps, shared by all tunnels.
 pub struct Sockmap {
@@ -63,15 +62,7 @@ impl Sockmap {
             SockHash::try_from(take(&mut ebpf, ARMED_MAP)?).map_err(|e| map_err(ARMED_MAP, e))?;
         let bytes =
             HashMap::try_from(take(&mut ebpf, BYTES_MAP)?).map_err(|e| map_err(BYTES_MAP, e))?;
-        let program: &mut SkSkb = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(EbpfError::Missing {
-                kind: "program",
-                name: PROGRAM_NAME,
-            })?
-            .try_into()
-            .map_err(|e| map_err(PROGRAM_NAME, e))?;
-        program
+        ebpf::verdict_program(&mut ebpf)?
             .attach(armed.fd())
             .map_err(|e| map_err("attaching the stream verdict program", e))?;
         Ok(Sockmap {
