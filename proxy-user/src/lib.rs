@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod auth;
+pub mod btf;
 pub mod config;
 pub mod ebpf;
 pub mod limits;
