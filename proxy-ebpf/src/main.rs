@@ -9,13 +9,17 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, sk_action},
-    helpers::bpf_get_socket_cookie,
+    cty::c_void,
+    helpers::{
+        bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
+        bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
+    },
     macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use proxy_ebpf::{DEFAULT_MAX_SOCKETS, STATS_INDEX, Stats};
+use proxy_ebpf::{Counts, DEFAULT_MAX_SOCKETS, HOLDS_RING_BYTES, Limit, STATS_INDEX, Stats};
 
 /// Source socket cookie -> socket to transmit on. See `proxy_ebpf::PEERS_MAP`.
 #[map]
@@ -25,9 +29,34 @@ static PEERS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0)
 #[map]
 static ARMED: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// Source socket cookie -> bytes redirected to its peer. See `proxy_ebpf::BYTES_MAP`.
+/// Source socket cookie -> per-direction counters. See `proxy_ebpf::BYTES_MAP`.
 #[map]
-static BYTES: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+static BYTES: HashMap<u64, Counts> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Source socket cookie -> backlog bound. See `proxy_ebpf::LIMITS_MAP`.
+#[map]
+static LIMITS: HashMap<u64, Limit> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Source socket cookie -> bytes userspace moved. See `proxy_ebpf::MOVED_MAP`.
+#[map]
+static MOVED: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Cookies of sockets that started holding. See `proxy_ebpf::HOLDS_MAP`.
+#[map]
+static HOLDS: RingBuf = RingBuf::with_byte_size(HOLDS_RING_BYTES, 0);
+
+/// Offset of `bytes_acked` in the kernel's `struct tcp_sock`, read by userspace from the kernel's
+/// BTF and set before loading (`proxy_ebpf::TCP_SOCK_BYTES_ACKED`). 0: unknown, never hold.
+#[unsafe(no_mangle)]
+static TCP_SOCK_BYTES_ACKED: u32 = 0;
+
+/// Offset of `copied_seq` in `struct tcp_sock` (`proxy_ebpf::TCP_SOCK_COPIED_SEQ`). 0: unknown.
+#[unsafe(no_mangle)]
+static TCP_SOCK_COPIED_SEQ: u32 = 0;
+
+/// Offset of `TCP_SKB_CB(skb)->seq` in `struct sk_buff` (`proxy_ebpf::SKB_TCP_SEQ`). 0: unknown.
+#[unsafe(no_mangle)]
+static SKB_TCP_SEQ: u32 = 0;
 
 /// Global counters, one slot per CPU. See `proxy_ebpf::STATS_MAP`.
 #[map]
@@ -48,21 +77,55 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         return sk_action::SK_DROP;
     }
 
+    let counts = counts_of(cookie);
+
+    // TCP may queue a retransmitted segment that starts before what it already received (seq <
+    // rcv_nxt < end_seq); tcp_read_skb hands it over whole, so its first bytes would reach the
+    // peer twice. Cut them off (see "Retransmitted overlaps" in docs/kernel-notes.md).
+    let mut len = len;
+    if let Some(counts) = counts {
+        // SAFETY: as below: this socket's verdict is the only writer of its entry.
+        let counts = unsafe { &mut *counts };
+        match trim_overlap(&ctx, cookie, counts, len) {
+            Trim::Keep(kept) => len = kept,
+            Trim::Drop => return sk_action::SK_DROP,
+        }
+    }
+
+    // Backpressure: hold the skb on this socket instead of redirecting it (see LIMITS_MAP).
+    if let Some(counts) = counts {
+        // SAFETY: a live, aligned map value whose only writer is this socket's verdict, which the
+        // kernel runs under the socket's lock (softirq receive or the SO_RCVLOWAT kick).
+        let counts = unsafe { &mut *counts };
+        if let Some(starts) = must_hold(cookie, counts, len) {
+            counts.held += len;
+            if starts {
+                let _ = HOLDS.output::<u64>(&cookie, 0);
+            }
+            with_stats(|s| {
+                s.held_bytes += len;
+                s.holds += u64::from(starts);
+            });
+            return sk_action::SK_PASS;
+        }
+    }
+
     // bpf_sk_redirect_hash only marks the skb; the kernel moves it after we return SK_PASS. It
     // answers SK_DROP when there is no usable peer, and then nothing has been marked.
     let redirected = PEERS.redirect_skb(&ctx, &mut cookie, 0) == i64::from(sk_action::SK_PASS);
 
     if redirected {
-        count_tunnel_bytes(cookie, len);
+        if let Some(counts) = counts {
+            // SAFETY: as above.
+            unsafe { (*counts).redirected += len };
+        }
     } else {
         debug!(
             &ctx,
             "splice_verdict: no peer for socket cookie {}, passing", cookie
         );
     }
-    if let Some(stats) = STATS.get_ptr_mut(STATS_INDEX) {
-        // SAFETY: a per-CPU slot; nothing else on this CPU runs this program concurrently.
-        let stats = unsafe { &mut *stats };
+    with_stats(|stats| {
         if redirected {
             stats.redirected_bytes += len;
             stats.redirected_segments += 1;
@@ -70,25 +133,171 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
             stats.passed_bytes += len;
             stats.passed_segments += 1;
         }
-    }
+    });
     // No peer: keep the data on the receiving socket (userspace can still read it).
     sk_action::SK_PASS
 }
 
-/// Adds `len` to `BYTES[cookie]`, creating the entry on the first segment.
+/// `BYTES[cookie]`, created with zeros on the first segment if userspace did not pre-create it.
 ///
-/// No atomics (the BPF target has no atomic RMW in Rust without nightly intrinsics), and none are
-/// needed: the verdict program for one socket runs under that socket's lock (softirq receive or
-/// the SO_RCVLOWAT kick), so only one writer ever touches a given cookie's entry, and userspace
-/// only reads or deletes it. An aligned 8-byte store is never torn for a reader.
+/// No atomics are needed on the value (the BPF target has no atomic RMW in Rust without nightly
+/// intrinsics): the verdict program for one socket runs under that socket's lock, so only one
+/// writer ever touches a given cookie's entry, and userspace only reads or deletes it. An
+/// aligned 8-byte store is never torn for a reader.
+static ZERO_COUNTS: Counts = Counts {
+    redirected: 0,
+    held: 0,
+    next_seq: 0,
+};
+
 #[inline(always)]
-fn count_tunnel_bytes(cookie: u64, len: u64) {
-    if let Some(bytes) = BYTES.get_ptr_mut(cookie) {
-        // SAFETY: a live, aligned map value; the only writer is this socket's verdict (see above).
-        unsafe { *bytes += len };
+fn counts_of(cookie: u64) -> Option<*mut Counts> {
+    if let Some(c) = BYTES.get_ptr_mut(&cookie) {
+        return Some(c);
+    }
+    // A full map only costs the per-tunnel counts; STATS still has the bytes.
+    // From a static: a zeroed local would become a memset, which BPF cannot call.
+    let _ = BYTES.insert(&cookie, &ZERO_COUNTS, u64::from(BPF_NOEXIST));
+    BYTES.get_ptr_mut(&cookie)
+}
+
+/// What [`trim_overlap`] decided.
+enum Trim {
+    /// Forward the skb, now this many bytes long.
+    Keep(u64),
+    /// Every byte of it was delivered before: drop it.
+    Drop,
+}
+
+/// Most bytes `bpf_skb_adjust_room` removes in one call (`sk_skb_adjust_room`).
+const ADJUST_MAX: u64 = 0xfff;
+
+/// Cuts from the front of the skb the bytes before `counts.next_seq`, which the program has
+/// already forwarded (or, for the socket's first skb, userspace has already read), and records
+/// where this skb ends.
+#[inline(always)]
+fn trim_overlap(ctx: &SkBuffContext, cookie: u64, counts: &mut Counts, len: u64) -> Trim {
+    let Some(seq) = skb_seq(ctx) else {
+        return Trim::Keep(len);
+    };
+    let expected = if counts.next_seq >> 32 == 1 {
+        counts.next_seq as u32
     } else {
-        // A full map only costs the per-tunnel count; STATS still has the bytes.
-        let _ = BYTES.insert(cookie, len, u64::from(BPF_NOEXIST));
+        // The first skb: nothing forwarded yet, so TCP's copied_seq is what userspace read.
+        let copied_seq = global(&TCP_SOCK_COPIED_SEQ);
+        match tcp_sock_field::<u32>((&raw const ARMED).cast(), cookie, copied_seq) {
+            Some(copied) => copied,
+            None => return Trim::Keep(len),
+        }
+    };
+    let end = seq.wrapping_add(len as u32);
+    // Sequence space wraps: compare as signed differences (RFC 1982 style, like before()).
+    let overlap = expected.wrapping_sub(seq) as i32;
+    if overlap <= 0 {
+        counts.next_seq = (1 << 32) | u64::from(end);
+        return Trim::Keep(len);
+    }
+    let overlap = overlap as u64;
+    with_stats(|s| {
+        s.trims += 1;
+        s.trimmed_bytes += overlap.min(len);
+    });
+    if overlap >= len {
+        return Trim::Drop;
+    }
+    let mut left = overlap;
+    // Bounded for the verifier: 64 calls cover 256 KiB, more than any skb TCP builds.
+    for _ in 0..64 {
+        if left == 0 {
+            break;
+        }
+        let step = left.min(ADJUST_MAX);
+        // SAFETY: the program's own skb; a negative len_diff with mode 0 pulls bytes off the
+        // front of an sk_skb skb.
+        if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(step as i32), 0, 0) } != 0 {
+            break;
+        }
+        left -= step;
+    }
+    counts.next_seq = (1 << 32) | u64::from(end);
+    Trim::Keep(len - (overlap - left))
+}
+
+/// `TCP_SKB_CB(skb)->seq` of the program's skb, if its offset is known.
+#[inline(always)]
+fn skb_seq(ctx: &SkBuffContext) -> Option<u32> {
+    let offset = global(&SKB_TCP_SEQ);
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: the context of an sk_skb program is the kernel's sk_buff; read 4 bytes of its
+    // control block (the TCP sequence number) into a local.
+    unsafe { bpf_probe_read_kernel(ctx.as_ptr().cast::<u8>().add(offset as usize).cast::<u32>()) }
+        .ok()
+}
+
+/// The `T` at `offset` in the kernel's `struct tcp_sock` of the socket `map[cookie]`; `None`
+/// for offset 0 (unknown), a missing entry, or a failed read. With `PEERS` it reads the peer of
+/// the socket with that cookie, with `ARMED` the socket itself.
+#[inline(always)]
+fn tcp_sock_field<T>(map: *const c_void, cookie: u64, offset: u32) -> Option<T> {
+    if offset == 0 {
+        return None;
+    }
+    let mut key = cookie;
+    // SAFETY: a lookup in a sockhash from an sk_skb program returns a referenced socket or NULL;
+    // the map pointer is the map definition itself (SockHash is repr(transparent)).
+    let sk = unsafe { bpf_map_lookup_elem(map.cast_mut(), (&raw mut key).cast::<c_void>()) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: sk is a referenced socket from the lookup above; the helper checks it is TCP.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) };
+    let value = if tp.is_null() {
+        None
+    } else {
+        // SAFETY: reads a field of the kernel's tcp_sock at its BTF offset into a local; the
+        // socket is kept alive by the lookup's reference.
+        unsafe { bpf_probe_read_kernel(tp.cast::<u8>().add(offset as usize).cast::<T>()) }.ok()
+    };
+    // SAFETY: releases the reference taken by the lookup, exactly once.
+    unsafe { bpf_sk_release(sk) };
+    value
+}
+
+/// Reads a `u32` global the loader may patch; volatile so the compiler does not fold its 0.
+#[inline(always)]
+fn global(g: &u32) -> u32 {
+    // SAFETY: a plain read of a static.
+    unsafe { core::ptr::read_volatile(g) }
+}
+
+/// Whether this skb must be held rather than redirected: `Some(true)` when it starts a hold.
+#[inline(always)]
+fn must_hold(cookie: u64, counts: &Counts, len: u64) -> Option<bool> {
+    // SAFETY: plain map lookups; the values are POD written whole by userspace.
+    let limit = unsafe { LIMITS.get(&cookie) }?;
+    let moved = unsafe { MOVED.get(&cookie) }.copied().unwrap_or(0);
+    if counts.held != moved {
+        // Held bytes are still waiting for userspace: this one goes behind them.
+        return Some(false);
+    }
+    if limit.threshold == 0 {
+        return None;
+    }
+    // How far the peer has drained: its remote's acknowledged bytes.
+    let bytes_acked = global(&TCP_SOCK_BYTES_ACKED);
+    let acked = tcp_sock_field::<u64>((&raw const PEERS).cast(), cookie, bytes_acked)?;
+    let sent = counts.redirected + moved;
+    let unacked = sent.saturating_sub(acked.saturating_sub(limit.base));
+    (unacked + len > limit.threshold).then_some(true)
+}
+
+#[inline(always)]
+fn with_stats(f: impl FnOnce(&mut Stats)) {
+    if let Some(stats) = STATS.get_ptr_mut(STATS_INDEX) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs this program concurrently.
+        f(unsafe { &mut *stats });
     }
 }
 

@@ -24,10 +24,35 @@ pub const PEERS_MAP: &str = "PEERS";
 /// only after both of the tunnel's [`PEERS_MAP`] entries exist; remove before removing those.
 pub const ARMED_MAP: &str = "ARMED";
 
-/// `HashMap<u64, u64>`: socket cookie of the source socket -> bytes redirected from it to its
-/// peer (one direction of a tunnel). The program creates a missing entry; userspace reads the
-/// final value and deletes the entry when the tunnel ends (or pre-creates it with 0).
+/// `HashMap<u64, Counts>`: socket cookie of the source socket -> what the program did with the
+/// bytes arriving on it (one direction of a tunnel). Userspace pre-creates the entry with zeros
+/// (the program creates a missing one), reads it, and deletes it when the tunnel ends.
 pub const BYTES_MAP: &str = "BYTES";
+
+/// `HashMap<u64, Limit>`: socket cookie of the source socket -> the backlog bound for its
+/// direction. Written once by userspace when the socket is armed; no entry means unbounded.
+///
+/// The bound is how backpressure works (docs/kernel-notes.md, "Backpressure"): while the bytes
+/// sent towards the peer and not yet acknowledged by the peer's remote exceed
+/// [`Limit::threshold`], the program answers `SK_PASS` instead of redirecting ("holds"). A held
+/// skb stays on the source socket, charged to its receive buffer, so TCP closes the sender's
+/// window. Userspace moves the held bytes to the peer once the peer has drained, and the program
+/// redirects again once it has caught up (see [`MOVED_MAP`]).
+pub const LIMITS_MAP: &str = "LIMITS";
+
+/// `HashMap<u64, u64>`: socket cookie of the source socket -> bytes userspace has moved from it
+/// to the peer (held bytes it read and wrote). Written by userspace only. While
+/// `Counts::held != MOVED`, held bytes are still on their way and the program holds every new
+/// skb too, so nothing overtakes them.
+pub const MOVED_MAP: &str = "MOVED";
+
+/// `RingBuf` of `u64` socket cookies: the program writes the cookie of a socket when it starts
+/// holding (the first held skb after `Counts::held` caught up with `MOVED`). Userspace wakes up
+/// for these only, never for redirected data.
+pub const HOLDS_MAP: &str = "HOLDS";
+
+/// Size of [`HOLDS_MAP`] in bytes (a power of two, a multiple of the page size).
+pub const HOLDS_RING_BYTES: u32 = 256 * 1024;
 
 /// `PerCpuArray<Stats>` with one slot (index [`STATS_INDEX`]); userspace sums the CPUs.
 pub const STATS_MAP: &str = "STATS";
@@ -38,6 +63,44 @@ pub const STATS_INDEX: u32 = 0;
 /// Default capacity of [`PEERS_MAP`] and [`BYTES_MAP`], in sockets (two per tunnel). Userspace may
 /// change it before loading (`EbpfLoader::set_max_entries`).
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// Per-direction counters kept by the verdict program in [`BYTES_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Bytes redirected to the peer socket by the kernel.
+    pub redirected: u64,
+    /// Bytes held on the source socket (`SK_PASS`) for userspace to move, because the peer's
+    /// backlog was over the bound or earlier held bytes had not been moved yet.
+    pub held: u64,
+    /// TCP sequence number just past the last byte the program saw on this socket, with bit 32
+    /// set once known (0: the next skb is the first). See "Retransmitted overlaps" in
+    /// docs/kernel-notes.md.
+    pub next_seq: u64,
+}
+
+/// The backlog bound of one direction, in [`LIMITS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limit {
+    /// Most bytes sent towards the peer (redirected + moved) and not yet acknowledged by the
+    /// peer's remote before the program starts holding. 0: never hold.
+    pub threshold: u64,
+    /// The peer's `tcp_sock.bytes_acked` at which every byte written to it before arming is
+    /// acknowledged: its acked count plus its send queue when it was armed.
+    pub base: u64,
+}
+
+/// Name of the program's global holding the offset of `bytes_acked` in the running kernel's
+/// `struct tcp_sock`, which userspace reads from `/sys/kernel/btf/vmlinux` and sets at load.
+pub const TCP_SOCK_BYTES_ACKED: &str = "TCP_SOCK_BYTES_ACKED";
+
+/// Name of the program's global holding the offset of `copied_seq` in `struct tcp_sock`.
+pub const TCP_SOCK_COPIED_SEQ: &str = "TCP_SOCK_COPIED_SEQ";
+
+/// Name of the program's global holding the offset of the TCP sequence number of an skb
+/// (`TCP_SKB_CB(skb)->seq`: `sk_buff.cb` plus `tcp_skb_cb.seq`) in `struct sk_buff`.
+pub const SKB_TCP_SEQ: &str = "SKB_TCP_SEQ";
 
 /// Global counters kept by the verdict program, one copy per CPU.
 #[repr(C)]
@@ -51,6 +114,15 @@ pub struct Stats {
     pub passed_bytes: u64,
     /// Segments passed to the receiving socket's own queue because it had no peer.
     pub passed_segments: u64,
+    /// Bytes held for userspace because the peer's backlog was over the bound.
+    pub held_bytes: u64,
+    /// Times a direction started holding (backpressure episodes).
+    pub holds: u64,
+    /// Bytes cut from the front of skbs that TCP queued although they began with bytes already
+    /// delivered (a retransmission overlapping what was received).
+    pub trimmed_bytes: u64,
+    /// Skbs that needed such a cut.
+    pub trims: u64,
 }
 
 impl Stats {
@@ -64,6 +136,10 @@ impl Stats {
                 .wrapping_add(other.redirected_segments),
             passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
             passed_segments: self.passed_segments.wrapping_add(other.passed_segments),
+            held_bytes: self.held_bytes.wrapping_add(other.held_bytes),
+            holds: self.holds.wrapping_add(other.holds),
+            trimmed_bytes: self.trimmed_bytes.wrapping_add(other.trimmed_bytes),
+            trims: self.trims.wrapping_add(other.trims),
         }
     }
 }

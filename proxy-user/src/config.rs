@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::policy::{DstPattern, PortSet};
+use crate::tunnel::holds::Backlog;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -84,6 +85,11 @@ pub struct RunArgs {
     #[arg(long = "mode", value_enum, default_value = "auto")]
     pub mode: ModeArg,
 
+    /// sockmap: most bytes one direction of a tunnel may hold in the kernel
+    /// when its reader stops (then TCP holds the sender back). 512KiB..1GiB.
+    #[arg(long = "sockmap-backlog", value_name = "SIZE", default_value = "16MiB", value_parser = parse_backlog)]
+    pub sockmap_backlog: Backlog,
+
     /// Most tunnels open at once; more get 503.
     #[arg(long = "max-tunnels", value_name = "N", default_value = "10000", value_parser = parse_positive)]
     pub max_tunnels: usize,
@@ -140,6 +146,7 @@ pub struct Config {
     pub allow_dst: Vec<DstPattern>,
     pub allow_port: PortSet,
     pub mode: ModeArg,
+    pub sockmap_backlog: Backlog,
     pub max_tunnels: usize,
     pub max_handshakes: usize,
     pub max_conns_per_ip: usize,
@@ -201,6 +208,7 @@ impl RunArgs {
             allow_dst: self.allow_dst,
             allow_port,
             mode: self.mode,
+            sockmap_backlog: self.sockmap_backlog,
             max_tunnels: self.max_tunnels,
             max_handshakes: self.max_handshakes,
             max_conns_per_ip: self.max_conns_per_ip,
@@ -260,6 +268,37 @@ fn parse_auth_fail_delay(s: &str) -> Result<Duration, String> {
         return Err("at most 60s (0 = off)".into());
     }
     Ok(d)
+}
+
+/// `16MiB`, `512KiB`, `1GiB` (or K/M/G, KB/MB/GB as binary units), or a bare byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size like 16MiB or 512KiB: {s:?}"))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown unit {unit:?}: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(scale).ok_or_else(|| "too large".to_string())
+}
+
+fn parse_backlog(s: &str) -> Result<Backlog, String> {
+    let bytes = parse_size(s)?;
+    if bytes > 1 << 30 {
+        return Err("at most 1GiB".into());
+    }
+    Backlog::new(bytes).ok_or_else(|| {
+        format!(
+            "at least {}KiB (room for a receive buffer and a few segments)",
+            Backlog::MIN_BYTES >> 10
+        )
+    })
 }
 
 /// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.

@@ -17,12 +17,17 @@ use aya::{
 mod shared;
 
 pub use shared::{
-    ARMED_MAP, BYTES_MAP, DEFAULT_MAX_SOCKETS, PEERS_MAP, PROGRAM_NAME, STATS_INDEX, STATS_MAP,
-    Stats,
+    ARMED_MAP, BYTES_MAP, Counts, DEFAULT_MAX_SOCKETS, HOLDS_MAP, HOLDS_RING_BYTES, LIMITS_MAP,
+    Limit, MOVED_MAP, PEERS_MAP, PROGRAM_NAME, SKB_TCP_SEQ, STATS_INDEX, STATS_MAP, Stats,
+    TCP_SOCK_BYTES_ACKED, TCP_SOCK_COPIED_SEQ,
 };
 
 // SAFETY: `Stats` is `#[repr(C)]`, all `u64`, no padding, valid for any bit pattern.
 unsafe impl aya::Pod for Stats {}
+// SAFETY: `Counts` is `#[repr(C)]`, two `u64`, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for Counts {}
+// SAFETY: `Limit` is `#[repr(C)]`, two `u64`, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for Limit {}
 
 /// The eBPF object built from `proxy-ebpf`, 8-byte aligned as the ELF parser needs. Empty when
 /// the crate was compiled with `AYA_BUILD_SKIP`.
@@ -68,15 +73,24 @@ pub fn load_with_capacity(max_sockets: u32) -> Result<Ebpf, EbpfError> {
         return Err(EbpfError::NotBuilt);
     }
     raise_memlock_rlimit();
+    let offsets = crate::btf::KernelOffsets::read()
+        .map_err(|e| EbpfError::Unsupported(format!("the program needs it: {e}")))?;
 
     let mut ebpf = EbpfLoader::new()
+        .override_global(TCP_SOCK_BYTES_ACKED, &offsets.tcp_sock_bytes_acked, true)
+        .override_global(TCP_SOCK_COPIED_SEQ, &offsets.tcp_sock_copied_seq, true)
+        .override_global(SKB_TCP_SEQ, &offsets.skb_tcp_seq, true)
         .map_max_entries(PEERS_MAP, max_sockets.max(2))
         .map_max_entries(ARMED_MAP, max_sockets.max(2))
         .map_max_entries(BYTES_MAP, max_sockets.max(2))
+        .map_max_entries(LIMITS_MAP, max_sockets.max(2))
+        .map_max_entries(MOVED_MAP, max_sockets.max(2))
         .load(OBJECT)
         .map_err(classify_object_error)?;
 
-    for name in [PEERS_MAP, ARMED_MAP, BYTES_MAP, STATS_MAP] {
+    for name in [
+        PEERS_MAP, ARMED_MAP, BYTES_MAP, LIMITS_MAP, MOVED_MAP, HOLDS_MAP, STATS_MAP,
+    ] {
         if ebpf.map(name).is_none() {
             return Err(EbpfError::Missing { kind: "map", name });
         }
@@ -291,11 +305,13 @@ mod tests {
             .try_into()
             .expect("an sk_skb program");
         assert!(program.fd().is_ok(), "program loaded into the kernel");
-        for name in [PEERS_MAP, ARMED_MAP, BYTES_MAP, STATS_MAP] {
+        for name in [
+            PEERS_MAP, ARMED_MAP, BYTES_MAP, LIMITS_MAP, MOVED_MAP, HOLDS_MAP, STATS_MAP,
+        ] {
             assert!(ebpf.map(name).is_some(), "map {name} present");
         }
         aya::maps::SockHash::<_, u64>::try_from(ebpf.map(PEERS_MAP).unwrap()).expect("sockhash");
-        aya::maps::HashMap::<_, u64, u64>::try_from(ebpf.map(BYTES_MAP).unwrap()).expect("hash");
+        aya::maps::HashMap::<_, u64, Counts>::try_from(ebpf.map(BYTES_MAP).unwrap()).expect("hash");
         assert_eq!(read_stats(&ebpf).expect("stats"), Stats::default());
     }
 
@@ -391,9 +407,12 @@ mod tests {
         assert_eq!(got, down);
 
         let bytes =
-            aya::maps::HashMap::<_, u64, u64>::try_from(ebpf.map(BYTES_MAP).unwrap()).unwrap();
-        assert_eq!(bytes.get(&c_cookie, 0).unwrap(), up.len() as u64);
-        assert_eq!(bytes.get(&u_cookie, 0).unwrap(), down.len() as u64);
+            aya::maps::HashMap::<_, u64, Counts>::try_from(ebpf.map(BYTES_MAP).unwrap()).unwrap();
+        assert_eq!(bytes.get(&c_cookie, 0).unwrap().redirected, up.len() as u64);
+        assert_eq!(
+            bytes.get(&u_cookie, 0).unwrap().redirected,
+            down.len() as u64
+        );
         let stats = read_stats(&ebpf).unwrap();
         assert_eq!(stats.redirected_bytes, (up.len() + down.len()) as u64);
         assert!(stats.redirected_segments >= 2);

@@ -114,7 +114,7 @@ fn run(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let selection = match runtime.block_on(tunnel::select(cfg.mode)) {
+    let selection = match runtime.block_on(tunnel::select(cfg.mode, cfg.sockmap_backlog)) {
         Ok(s) => s,
         Err(reason) => {
             let mode = clap::ValueEnum::to_possible_value(&cfg.mode).expect("not skipped");

@@ -7,6 +7,7 @@
 //! sits idle too long, or the proxy shuts down.
 
 mod copy;
+pub mod holds;
 mod self_check;
 pub mod sockmap;
 mod splice;
@@ -88,12 +89,9 @@ pub struct Selection {
     pub fallback_warning: Option<String>,
 }
 
-/// Why `auto` does not pick sockmap even where it loads and passes its check.
-pub const SOCKMAP_NOT_DEFAULT: &str = "sockmap is experimental: a tunnel's in-kernel backlog is not bounded yet when a peer stops reading";
-
 /// Loads the eBPF program and runs the start-up self-check on loopback.
-pub async fn start_sockmap() -> Result<sockmap::Sockmap, String> {
-    let sm = sockmap::Sockmap::start().map_err(|e| e.to_string())?;
+pub async fn start_sockmap(backlog: holds::Backlog) -> Result<sockmap::Sockmap, String> {
+    let sm = sockmap::Sockmap::start(backlog).map_err(|e| e.to_string())?;
     self_check::run(&sm)
         .await
         .map_err(|e| format!("the sockmap self-check failed on this kernel: {e}"))?;
@@ -102,7 +100,7 @@ pub async fn start_sockmap() -> Result<sockmap::Sockmap, String> {
 
 /// Chooses the data path for `--mode`; an error is the reason an explicitly
 /// requested mode cannot work here.
-pub async fn select(requested: ModeArg) -> Result<Selection, String> {
+pub async fn select(requested: ModeArg, backlog: holds::Backlog) -> Result<Selection, String> {
     let plain = |datapath| Selection {
         datapath,
         fallback_warning: None,
@@ -112,34 +110,40 @@ pub async fn select(requested: ModeArg) -> Result<Selection, String> {
         ModeArg::Splice => splice::probe()
             .map(|()| plain(DataPath::Splice))
             .map_err(|e| format!("splice(2) does not work here: {e}")),
-        ModeArg::Sockmap => Ok(plain(DataPath::Sockmap(Box::new(start_sockmap().await?)))),
-        ModeArg::Auto => Ok(match splice::probe() {
-            Ok(()) => Selection {
-                datapath: DataPath::Splice,
-                fallback_warning: Some(format!("using splice: {SOCKMAP_NOT_DEFAULT}")),
-            },
-            Err(e) => Selection {
-                datapath: DataPath::Copy,
-                fallback_warning: Some(format!(
-                    "using copy: {SOCKMAP_NOT_DEFAULT}, and splice(2) failed its check: {e}"
-                )),
-            },
-        }),
+        ModeArg::Sockmap => Ok(plain(DataPath::Sockmap(Box::new(
+            start_sockmap(backlog).await?,
+        )))),
+        ModeArg::Auto => {
+            let why = match start_sockmap(backlog).await {
+                Ok(sm) => return Ok(plain(DataPath::Sockmap(Box::new(sm)))),
+                Err(e) => e,
+            };
+            Ok(match splice::probe() {
+                Ok(()) => Selection {
+                    datapath: DataPath::Splice,
+                    fallback_warning: Some(format!("using splice: sockmap unavailable: {why}")),
+                },
+                Err(e) => Selection {
+                    datapath: DataPath::Copy,
+                    fallback_warning: Some(format!(
+                        "using copy: sockmap unavailable: {why}; splice(2) failed its check: {e}"
+                    )),
+                },
+            })
+        }
     }
 }
 
 /// `splice-proxy probe`: one line per data path: `<mode> ok`, or
-/// `<mode> experimental: …` / `<mode> unavailable: …`.
+/// `<mode> unavailable: …`.
 pub async fn probe_report() -> Vec<String> {
     let mut lines = vec!["copy ok".to_string()];
     lines.push(match splice::probe() {
         Ok(()) => "splice ok".into(),
         Err(e) => format!("splice unavailable: {e}"),
     });
-    lines.push(match start_sockmap().await {
-        Ok(_) => format!(
-            "sockmap experimental: loads and passes its self-check, but {SOCKMAP_NOT_DEFAULT}"
-        ),
+    lines.push(match start_sockmap(holds::Backlog::default()).await {
+        Ok(_) => "sockmap ok".into(),
         Err(e) => format!("sockmap unavailable: {e}"),
     });
     lines

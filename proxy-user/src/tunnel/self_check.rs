@@ -1,7 +1,8 @@
-//! The sockmap start-up check: one tunnel on loopback through the real
+//! The sockmap start-up check: tunnels on loopback through the real
 //! program, exercising what the torture suite found fragile — bytes queued
 //! before arming (a server that speaks first), both directions, half-close
-//! in order, byte counters, and map entries removed afterwards.
+//! in order, byte counters, map entries removed afterwards, and the backlog
+//! bound against a server that does not read (then every byte in order).
 
 use std::time::Duration;
 
@@ -26,9 +27,97 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 pub(super) async fn run(sm: &Sockmap) -> Result<(), String> {
-    tokio::time::timeout(Duration::from_secs(10), check(sm))
+    tokio::time::timeout(Duration::from_secs(10), async {
+        check(sm).await?;
+        check_bound(sm).await
+    })
+    .await
+    .map_err(|_| "timed out after 10 s".to_string())?
+}
+
+/// A server that stops reading: the client can get at most the backlog bound (plus the two
+/// end sockets' own small buffers) ahead, and once the server reads, every byte arrives in order.
+async fn check_bound(sm: &Sockmap) -> Result<(), String> {
+    let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+    let (client, proxy_client) = pair().await.map_err(io("loopback pair"))?;
+    let (proxy_upstream, mut server) = pair().await.map_err(io("loopback pair"))?;
+    // Small buffers at the ends, so what the client gets ahead is what the proxy holds.
+    socket2::SockRef::from(&server)
+        .set_recv_buffer_size(64 * 1024)
+        .map_err(io("server SO_RCVBUF"))?;
+    socket2::SockRef::from(&client)
+        .set_send_buffer_size(64 * 1024)
+        .map_err(io("client SO_SNDBUF"))?;
+    let mut reg = sm
+        .register(&proxy_client, &proxy_upstream)
         .await
-        .map_err(|_| "timed out after 10 s".to_string())?
+        .map_err(io("register"))?;
+    if reg
+        .arm(&proxy_client, &proxy_upstream)
+        .await
+        .map_err(io("arm"))?
+        != super::sockmap::Armed::Kernel
+    {
+        return Err("an established pair was not armed".into());
+    }
+    let bound = sm.backlog().bytes();
+    let slack = 2 * 1024 * 1024;
+    let cancel = CancellationToken::new();
+    let watcher = reg.run(&proxy_client, &proxy_upstream, None, &cancel);
+    let traffic = async {
+        // Write until the client makes no progress for a while.
+        let chunk = pattern(256 * 1024, 3);
+        let mut written = 0usize;
+        let mut quiet_since = tokio::time::Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(150) && written as u64 <= 4 * bound {
+            match client.try_write(&chunk[written % chunk.len()..]) {
+                Ok(n) => {
+                    written += n;
+                    quiet_since = tokio::time::Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(format!("client write: {e}")),
+            }
+        }
+        if written as u64 > bound + slack {
+            return Err(format!(
+                "with the server not reading, the client got {written} bytes ahead: more than \
+                 the {bound}-byte backlog bound"
+            ));
+        }
+        let mut client = client;
+        client.shutdown().await.map_err(io("client shutdown"))?;
+        let mut got = Vec::with_capacity(written);
+        server
+            .read_to_end(&mut got)
+            .await
+            .map_err(io("server read"))?;
+        let expected: Vec<u8> = chunk.iter().copied().cycle().take(written).collect();
+        if got != expected {
+            return Err(format!(
+                "after the stall: sent {written} bytes, the server got {} (or different content)",
+                got.len()
+            ));
+        }
+        server.shutdown().await.map_err(io("server shutdown"))?;
+        Ok::<_, String>(written)
+    };
+    let ((end, err), traffic) = tokio::join!(watcher, traffic);
+    let written = traffic?;
+    if end != End::Closed {
+        return Err(format!(
+            "held tunnel ended {end} ({err:?}) instead of closing"
+        ));
+    }
+    if reg.bytes().0 != written as u64 {
+        return Err(format!(
+            "counted {} bytes up, sent {written}",
+            reg.bytes().0
+        ));
+    }
+    Ok(())
 }
 
 async fn check(sm: &Sockmap) -> Result<(), String> {
@@ -125,7 +214,7 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
 mod tests {
     #[tokio::test]
     async fn sockmap_self_check_passes_here() {
-        let sm = super::Sockmap::start().unwrap_or_else(|e| panic!("{e}"));
+        let sm = super::Sockmap::start(Default::default()).unwrap_or_else(|e| panic!("{e}"));
         super::run(&sm).await.unwrap();
     }
 }

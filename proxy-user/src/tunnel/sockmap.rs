@@ -21,19 +21,24 @@ use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::Ebpf;
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::holds::{Backlog, Counters, HoldWaiters, MoveError, Mover, Step};
 use super::{End, Progress, PumpError};
-use crate::ebpf::{self, ARMED_MAP, BYTES_MAP, EbpfError, PEERS_MAP};
+use crate::ebpf::{
+    self, ARMED_MAP, BYTES_MAP, Counts, EbpfError, HOLDS_MAP, LIMITS_MAP, Limit, MOVED_MAP,
+    PEERS_MAP,
+};
 
 /// The loaded program and its maps, shared by all tunnels.
 pub struct Sockmap {
@@ -41,7 +46,38 @@ pub struct Sockmap {
     _ebpf: Ebpf,
     peers: Mutex<SockHash<MapData, u64>>,
     armed: Mutex<SockHash<MapData, u64>>,
-    bytes: Mutex<HashMap<MapData, u64, u64>>,
+    bytes: Mutex<HashMap<MapData, u64, Counts>>,
+    limits: Mutex<HashMap<MapData, u64, Limit>>,
+    moved: Mutex<HashMap<MapData, u64, u64>>,
+    waiters: Arc<HoldWaiters>,
+    dispatcher: tokio::task::JoinHandle<()>,
+    backlog: Backlog,
+}
+
+impl Drop for Sockmap {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+impl Counters for Sockmap {
+    fn counts(&self, src_cookie: u64) -> (u64, u64) {
+        let c = self
+            .bytes
+            .lock()
+            .expect("bytes map lock")
+            .get(&src_cookie, 0)
+            .unwrap_or_default();
+        (c.redirected, c.held)
+    }
+
+    fn set_moved(&self, src_cookie: u64, moved: u64) -> io::Result<()> {
+        self.moved
+            .lock()
+            .expect("moved map lock")
+            .insert(src_cookie, moved, 0)
+            .map_err(io::Error::other)
+    }
 }
 
 fn map_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
@@ -49,8 +85,9 @@ fn map_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
 }
 
 impl Sockmap {
-    /// Loads the program and attaches it to the `ARMED` map.
-    pub fn start() -> Result<Sockmap, EbpfError> {
+    /// Loads the program and attaches it to the `ARMED` map; each direction of a tunnel may
+    /// then hold at most `backlog` in the kernel. Needs a tokio runtime (the hold dispatcher).
+    pub fn start(backlog: Backlog) -> Result<Sockmap, EbpfError> {
         let mut ebpf = ebpf::load()?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
@@ -62,14 +99,34 @@ impl Sockmap {
             SockHash::try_from(take(&mut ebpf, ARMED_MAP)?).map_err(|e| map_err(ARMED_MAP, e))?;
         let bytes =
             HashMap::try_from(take(&mut ebpf, BYTES_MAP)?).map_err(|e| map_err(BYTES_MAP, e))?;
+        let limits =
+            HashMap::try_from(take(&mut ebpf, LIMITS_MAP)?).map_err(|e| map_err(LIMITS_MAP, e))?;
+        let moved =
+            HashMap::try_from(take(&mut ebpf, MOVED_MAP)?).map_err(|e| map_err(MOVED_MAP, e))?;
+        let ring =
+            RingBuf::try_from(take(&mut ebpf, HOLDS_MAP)?).map_err(|e| map_err(HOLDS_MAP, e))?;
         ebpf::verdict_program(&mut ebpf)?
             .attach(armed.fd())
             .map_err(|e| map_err("attaching the stream verdict program", e))?;
+        let waiters = Arc::new(HoldWaiters::default());
+        let dispatcher = tokio::spawn({
+            let waiters = waiters.clone();
+            async move {
+                if let Err(e) = waiters.dispatch(ring).await {
+                    tracing::error!("sockmap: reading the holds ring buffer failed: {e}");
+                }
+            }
+        });
         Ok(Sockmap {
             _ebpf: ebpf,
             peers: Mutex::new(peers),
             armed: Mutex::new(armed),
             bytes: Mutex::new(bytes),
+            limits: Mutex::new(limits),
+            moved: Mutex::new(moved),
+            waiters,
+            dispatcher,
+            backlog,
         })
     }
 
@@ -102,11 +159,16 @@ impl Sockmap {
             client_armed: false,
             upstream_armed: false,
             userspace: Progress::new(),
+            bounded: false,
+            up_holds: None,
+            down_holds: None,
         };
         {
             let mut bytes = self.bytes.lock().expect("bytes map lock");
             for c in [reg.client, reg.upstream] {
-                bytes.insert(c, 0, 0).map_err(io::Error::other)?;
+                bytes
+                    .insert(c, Counts::default(), 0)
+                    .map_err(io::Error::other)?;
             }
         }
         let mut peers = self.peers.lock().expect("peers map lock");
@@ -122,11 +184,12 @@ impl Sockmap {
 
     /// Bytes the program has redirected from the socket with this cookie.
     fn redirected(&self, cookie: u64) -> u64 {
-        self.bytes
-            .lock()
-            .expect("bytes map lock")
-            .get(&cookie, 0)
-            .unwrap_or(0)
+        self.counts(cookie).0
+    }
+
+    /// The per-direction bound this data path enforces.
+    pub fn backlog(&self) -> Backlog {
+        self.backlog
     }
 
     /// Entries in the `PEERS` map (two per open tunnel).
@@ -177,8 +240,13 @@ pub struct Registration<'a> {
     client_clean: bool,
     client_armed: bool,
     upstream_armed: bool,
-    /// Bytes userspace forwarded for a socket that could not be armed.
+    /// Bytes userspace forwarded: for a socket that could not be armed, and held bytes moved.
     userspace: Progress,
+    /// LIMITS and MOVED hold entries for both sockets.
+    bounded: bool,
+    /// Wake-ups for the client's (up) and the upstream's (down) holds.
+    up_holds: Option<Arc<Notify>>,
+    down_holds: Option<Arc<Notify>>,
 }
 
 impl Registration<'_> {
@@ -192,6 +260,7 @@ impl Registration<'_> {
         // Nothing is armed yet, so these totals only hold what userspace wrote.
         self.base_client = queued_total(client.as_raw_fd())?;
         self.base_upstream = queued_total(upstream.as_raw_fd())?;
+        self.bound(client, upstream)?;
         self.armed = true;
         // Each socket is armed unless its remote sent FIN since the check;
         // then userspace forwards that socket's direction. Nothing already
@@ -204,6 +273,82 @@ impl Registration<'_> {
         } else {
             Armed::Userspace
         })
+    }
+
+    /// Sets the backlog bound of both directions before either socket is armed: socket
+    /// buffers, the program's LIMITS and MOVED entries, and the hold wake-ups.
+    fn bound(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+        let backlog = self.sockmap.backlog;
+        for s in [client, upstream] {
+            set_buffers(s.as_raw_fd(), backlog)?;
+        }
+        {
+            let mut limits = self.sockmap.limits.lock().expect("limits map lock");
+            let mut moved = self.sockmap.moved.lock().expect("moved map lock");
+            self.bounded = true;
+            for (src, dst_base) in [
+                (self.client, self.base_upstream),
+                (self.upstream, self.base_client),
+            ] {
+                moved.insert(src, 0, 0).map_err(io::Error::other)?;
+                let limit = Limit {
+                    threshold: backlog.threshold(),
+                    base: dst_base,
+                };
+                limits.insert(src, limit, 0).map_err(io::Error::other)?;
+            }
+        }
+        self.up_holds = Some(self.sockmap.waiters.watch(self.client));
+        self.down_holds = Some(self.sockmap.waiters.watch(self.upstream));
+        Ok(())
+    }
+
+    /// The movers of held bytes for both directions of this tunnel.
+    fn movers(&self, client: RawFd, upstream: RawFd) -> Movers {
+        let threshold = self.sockmap.backlog.threshold();
+        Movers {
+            up: Mover::new(self.client, self.base_upstream, threshold),
+            down: Mover::new(self.upstream, self.base_client, threshold),
+            up_moving: false,
+            down_moving: false,
+            client,
+            upstream,
+        }
+    }
+
+    /// Moves held bytes of one direction; `Ok(true)` while some remain.
+    fn step(
+        &self,
+        mover: &mut Mover,
+        src: RawFd,
+        dst: RawFd,
+        dir: Dir,
+    ) -> Result<bool, (End, Option<String>)> {
+        let before = mover.moved();
+        let result = mover.step(self.sockmap, src, dst);
+        let moved = (mover.moved() - before) as usize;
+        if moved > 0 {
+            self.userspace.add(dir.into(), moved);
+        }
+        let (src_end, dst_end) = match dir {
+            Dir::Up => (
+                (End::ClientReset, "client"),
+                (End::UpstreamReset, "upstream"),
+            ),
+            Dir::Down => (
+                (End::UpstreamReset, "upstream"),
+                (End::ClientReset, "client"),
+            ),
+        };
+        match result {
+            Ok(Step::Idle) => {
+                mover.shrink();
+                Ok(false)
+            }
+            Ok(Step::Wait) => Ok(true),
+            Err(MoveError::Src(e)) => Err((src_end.0, Some(format!("{}: {e}", src_end.1)))),
+            Err(MoveError::Dst(e)) => Err((dst_end.0, Some(format!("{}: {e}", dst_end.1)))),
+        }
     }
 
     fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
@@ -239,6 +384,7 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        // Leave ARMED first (no program runs any more), then the rest.
         if self.armed {
             let mut armed = self.sockmap.armed.lock().expect("armed map lock");
             let _ = armed.remove(&self.client);
@@ -249,11 +395,74 @@ impl Drop for Registration<'_> {
             let _ = peers.remove(&self.client);
             let _ = peers.remove(&self.upstream);
         }
+        if self.bounded {
+            let mut limits = self.sockmap.limits.lock().expect("limits map lock");
+            let mut moved = self.sockmap.moved.lock().expect("moved map lock");
+            for c in [self.client, self.upstream] {
+                let _ = limits.remove(&c);
+                let _ = moved.remove(&c);
+                self.sockmap.waiters.forget(c);
+            }
+        }
         let mut bytes = self.sockmap.bytes.lock().expect("bytes map lock");
         let _ = bytes.remove(&self.client);
         let _ = bytes.remove(&self.upstream);
     }
 }
+
+/// A tunnel's two movers of held bytes and whether each still has bytes to move.
+struct Movers {
+    up: Mover,
+    down: Mover,
+    up_moving: bool,
+    down_moving: bool,
+    client: RawFd,
+    upstream: RawFd,
+}
+
+impl Movers {
+    /// Moves what one direction can now (after a wake-up or a tick).
+    fn step(&mut self, reg: &Registration<'_>, dir: Dir) -> Result<(), (End, Option<String>)> {
+        let (c, u) = (self.client, self.upstream);
+        match dir {
+            Dir::Up => self.up_moving = reg.step(&mut self.up, c, u, dir)?,
+            Dir::Down => self.down_moving = reg.step(&mut self.down, u, c, dir)?,
+        }
+        Ok(())
+    }
+
+    /// Whether a direction that is still open has held bytes left to move.
+    fn busy(&self, up_done: bool, down_done: bool) -> bool {
+        (self.up_moving && !up_done) || (self.down_moving && !down_done)
+    }
+
+    /// Steps every open direction that has held bytes left.
+    fn tick(
+        &mut self,
+        reg: &Registration<'_>,
+        up_done: bool,
+        down_done: bool,
+    ) -> Result<(), (End, Option<String>)> {
+        if self.up_moving && !up_done {
+            self.step(reg, Dir::Up)?;
+        }
+        if self.down_moving && !down_done {
+            self.step(reg, Dir::Down)?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for a hold wake-up; never, without one.
+async fn held(notify: &Option<Arc<Notify>>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How often a direction with held bytes left is stepped again.
+const HOLD_TICK: Duration = Duration::from_millis(2);
 
 /// Bytes queued on a socket's receive queue (`SIOCINQ`).
 fn inq(s: &TcpStream) -> io::Result<usize> {
@@ -389,12 +598,13 @@ impl Registration<'_> {
             }
         };
         let mut clock = IdleClock::new(idle, self.bytes());
+        let mut movers = self.movers(client.as_raw_fd(), upstream.as_raw_fd());
         while !(up_done && down_done) {
             tokio::select! {
                 ev = next_event(client), if !up_done && self.client_armed => match ev {
                     Event::Reset(e) => return (End::ClientReset, Some(format!("client: {e}"))),
                     Event::Fin => {
-                        if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up).await {
+                        if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up, &mut movers.up).await {
                             return end;
                         }
                         up_done = true;
@@ -403,12 +613,27 @@ impl Registration<'_> {
                 ev = next_event(upstream), if !down_done && self.upstream_armed => match ev {
                     Event::Reset(e) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
                     Event::Fin => {
-                        if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down).await {
+                        if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down, &mut movers.down).await {
                             return end;
                         }
                         down_done = true;
                     }
                 },
+                () = held(&self.up_holds), if !up_done && self.client_armed => {
+                    if let Err(end) = movers.step(self, Dir::Up) {
+                        return end;
+                    }
+                }
+                () = held(&self.down_holds), if !down_done && self.upstream_armed => {
+                    if let Err(end) = movers.step(self, Dir::Down) {
+                        return end;
+                    }
+                }
+                () = tokio::time::sleep(HOLD_TICK), if movers.busy(up_done, down_done) => {
+                    if let Err(end) = movers.tick(self, up_done, down_done) {
+                        return end;
+                    }
+                }
                 r = run_pump(&mut up_pump), if !up_done && !self.client_armed => match r {
                     Ok(()) => up_done = true,
                     Err(e) => return pump_end(e, Dir::Up),
@@ -439,6 +664,7 @@ impl Registration<'_> {
         dst: &impl AsFd,
         dst_base: u64,
         dir: Dir,
+        mover: &mut Mover,
     ) -> Result<(), (End, Option<String>)> {
         let dst_reset = |e: io::Error| match dir {
             Dir::Up => (End::UpstreamReset, Some(format!("upstream: {e}"))),
@@ -449,7 +675,13 @@ impl Registration<'_> {
         // TCP_INFO takes the socket lock, so the softirq that delivered the
         // FIN (and ran the program on the data before it) has finished.
         let _ = queued_total(src.as_fd().as_raw_fd());
-        let target = self.sockmap.redirected(src_cookie);
+        // Held bytes go before the FIN too: move all of them first.
+        let mut wait = Duration::from_micros(200);
+        while self.step(mover, src.as_fd().as_raw_fd(), dst_fd, dir)? {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(20));
+        }
+        let target = self.sockmap.redirected(src_cookie) + mover.moved();
         let mut wait = Duration::from_micros(200);
         loop {
             if let Ok(Some(e)) = dst.take_error() {
@@ -512,8 +744,24 @@ impl Registration<'_> {
     ) -> (End, Option<String>) {
         let (mut up_done, mut down_done) = (false, false);
         let mut clock = IdleClock::new(idle, self.bytes());
+        let mut movers = self.movers(client.as_raw_fd(), upstream.as_raw_fd());
         while !(up_done && down_done) {
             tokio::select! {
+                () = held(&self.up_holds), if !up_done => {
+                    if let Err(end) = movers.step(self, Dir::Up) {
+                        return end;
+                    }
+                }
+                () = held(&self.down_holds), if !down_done => {
+                    if let Err(end) = movers.step(self, Dir::Down) {
+                        return end;
+                    }
+                }
+                () = tokio::time::sleep(HOLD_TICK), if movers.busy(up_done, down_done) => {
+                    if let Err(end) = movers.tick(self, up_done, down_done) {
+                        return end;
+                    }
+                }
                 events = watch.next() => {
                     let events = match events {
                         Ok(ev) => ev,
@@ -535,13 +783,13 @@ impl Registration<'_> {
                         }
                         match side {
                             Side::Client if !up_done => {
-                                if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up).await {
+                                if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up, &mut movers.up).await {
                                     return end;
                                 }
                                 up_done = true;
                             }
                             Side::Upstream if !down_done => {
-                                if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down).await {
+                                if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down, &mut movers.down).await {
                                     return end;
                                 }
                                 down_done = true;
@@ -687,6 +935,15 @@ enum Dir {
     Down,
 }
 
+impl From<Dir> for super::Dir {
+    fn from(d: Dir) -> super::Dir {
+        match d {
+            Dir::Up => super::Dir::Up,
+            Dir::Down => super::Dir::Down,
+        }
+    }
+}
+
 /// The socket cookie: the key the program looks itself up by.
 fn cookie(fd: RawFd) -> io::Result<u64> {
     let mut value = 0u64;
@@ -727,8 +984,41 @@ fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     Ok(info)
 }
 
+/// Bytes the socket's remote has acknowledged (`tcpi_bytes_acked`).
+pub(super) fn bytes_acked(fd: RawFd) -> io::Result<u64> {
+    Ok(tcp_info(fd)?.tcpi_bytes_acked)
+}
+
+/// Sizes a tunnel socket's buffers for the backlog bound (see [`Backlog`]). The kernel doubles
+/// what is asked for (room for its own overhead), hence the halves. The send buffer needs
+/// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which the sockmap path has) to exceed `wmem_max`.
+fn set_buffers(fd: RawFd, backlog: Backlog) -> io::Result<()> {
+    let half = |v: u64| libc::c_int::try_from(v / 2).unwrap_or(libc::c_int::MAX);
+    setsockopt_int(fd, libc::SO_RCVBUFFORCE, half(backlog.rcvbuf()))
+        .or_else(|_| setsockopt_int(fd, libc::SO_RCVBUF, half(backlog.rcvbuf())))?;
+    setsockopt_int(fd, libc::SO_SNDBUFFORCE, half(backlog.sndbuf()))
+        .or_else(|_| setsockopt_int(fd, libc::SO_SNDBUF, half(backlog.sndbuf())))
+}
+
+fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: fd is an open socket; the option value is a local int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Every byte ever put into the socket's send queue: acked + still queued.
-fn queued_total(fd: RawFd) -> io::Result<u64> {
+pub(super) fn queued_total(fd: RawFd) -> io::Result<u64> {
     let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer.
@@ -739,18 +1029,5 @@ fn queued_total(fd: RawFd) -> io::Result<u64> {
 }
 
 fn set_rcvlowat(fd: RawFd, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: fd is an open socket; the option value is a local int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_int(fd, libc::SO_RCVLOWAT, value)
 }

@@ -29,8 +29,8 @@ pub fn label(name: &str) -> &'static str {
     match name {
         "direct" => "direct (no proxy)",
         "copy" => "splice-proxy copy",
-        "splice" => "splice-proxy splice (auto)",
-        "sockmap" => "splice-proxy sockmap (experimental)",
+        "splice" => "splice-proxy splice",
+        "sockmap" => "splice-proxy sockmap (auto)",
         "squid" => "squid",
         "tinyproxy" => "tinyproxy",
         _ => "?",
