@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use splice_proxy_tests::rawhttp::{connect, connect_head, read_head};
 use splice_proxy_tests::resources::{Usage, cpu_secs, settle};
 use splice_proxy_tests::torture::{
-    Pattern, PeerOpts, TunnelSpec, Upstream, finish_tunnel_opts, run_seed, run_tunnel,
+    Pattern, PeerOpts, TunnelRun, TunnelSpec, Upstream, finish_tunnel_opts, run_seed, run_tunnel,
     set_linger_zero,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port, modes, raise_fd_limit};
@@ -423,6 +423,38 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Runs `spec` through `proxy` to `up` and calls `fault` once 4 MiB are on
+/// their way; returns how the tunnel went, where the client was when the
+/// fault came, and what `fault` returned.
+fn during_transfer<T>(
+    proxy: &mut Proxy,
+    up: &Upstream,
+    spec: &TunnelSpec,
+    fault: impl FnOnce(&mut Proxy) -> Result<T>,
+) -> Result<(Result<TunnelRun>, u64, T)> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut s = proxy.connect_tunnel(&up.target(), None)?;
+    s.write_all(&spec.encode())?;
+    let opts = PeerOpts {
+        progress: Some(progress.clone()),
+        already_sent: 0,
+    };
+    std::thread::scope(|scope| {
+        let client = scope.spawn(|| finish_tunnel_opts(s, up, spec, &opts));
+        let deadline = Instant::now() + PROMPT;
+        while progress.load(Ordering::Relaxed) < 4 * MIB as u64 {
+            ensure!(Instant::now() < deadline, "the transfer did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let at = progress.load(Ordering::Relaxed);
+        let done = fault(proxy)?;
+        let run = client
+            .join()
+            .map_err(|_| anyhow!("client thread panicked"))?;
+        Ok((run, at, done))
+    })
+}
+
 /// One sample from the proxy's `/metrics` (0 when absent).
 fn metric(addr: SocketAddr, series: &str) -> Result<f64> {
     let mut s = connect(addr, PROMPT)?;
@@ -641,27 +673,13 @@ fn sigterm_mid_transfer(mode: &str) -> Result<String> {
         d.max_read = 64 * KIB as u64;
         d.reader_sleep_us = 1000;
     }
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut s = st.proxy.connect_tunnel(&up.target(), None)?;
-    s.write_all(&spec.encode())?;
-    let opts = PeerOpts {
-        progress: Some(progress.clone()),
-        already_sent: 0,
-    };
-    let (run, at_signal, refused_after) = std::thread::scope(|scope| -> Result<_> {
-        let client = scope.spawn(|| finish_tunnel_opts(s, &up, &spec, &opts));
-        let deadline = Instant::now() + PROMPT;
-        while progress.load(Ordering::Relaxed) < 4 * MIB as u64 {
-            ensure!(Instant::now() < deadline, "the transfer did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let at_signal = progress.load(Ordering::Relaxed);
+    let (run, at_signal, refused_after) = during_transfer(&mut st.proxy, &up, &spec, |proxy| {
         // SAFETY: signalling our own child process.
-        unsafe { libc::kill(st.proxy.pid() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
         let signalled = Instant::now();
         // New clients are refused once the listener is closed.
         loop {
-            match TcpStream::connect(st.proxy.addr) {
+            match TcpStream::connect(proxy.addr) {
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
                 _ => ensure!(
                     signalled.elapsed() < PROMPT,
@@ -670,12 +688,9 @@ fn sigterm_mid_transfer(mode: &str) -> Result<String> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let refused_after = signalled.elapsed();
-        let run = client
-            .join()
-            .map_err(|_| anyhow!("client thread panicked"))??;
-        Ok((run, at_signal, refused_after))
+        Ok(signalled.elapsed())
     })?;
+    let run = run?;
     run.check().context("the transfer across SIGTERM")?;
     ensure!(
         at_signal < spec.c2u.len,
@@ -737,27 +752,10 @@ fn sigkill_mid_transfer(mode: &str) -> Result<String> {
     let up = Upstream::start()?;
     let mut spec = TunnelSpec::symmetric(1, run_seed(), 1 << 30, 1 << 30);
     spec.stall_ms = 10_000;
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut s = st.proxy.connect_tunnel(&up.target(), None)?;
-    s.write_all(&spec.encode())?;
-    let opts = PeerOpts {
-        progress: Some(progress.clone()),
-        already_sent: 0,
-    };
-    let (outcome, at_kill) = std::thread::scope(|scope| -> Result<_> {
-        let client = scope.spawn(|| finish_tunnel_opts(s, &up, &spec, &opts));
-        let deadline = Instant::now() + PROMPT;
-        while progress.load(Ordering::Relaxed) < 4 * MIB as u64 {
-            ensure!(Instant::now() < deadline, "the transfer did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let at_kill = progress.load(Ordering::Relaxed);
-        let code = st.proxy.signal_and_wait(libc::SIGKILL, PROMPT)?;
+    let (outcome, at_kill, ()) = during_transfer(&mut st.proxy, &up, &spec, |proxy| {
+        let code = proxy.signal_and_wait(libc::SIGKILL, PROMPT)?;
         ensure!(code.is_none(), "killed, yet exit status {code:?}");
-        let outcome = client
-            .join()
-            .map_err(|_| anyhow!("client thread panicked"))?;
-        Ok((outcome, at_kill))
+        Ok(())
     })?;
     // Either end may fail (that is the point) but never with wrong bytes.
     match &outcome {

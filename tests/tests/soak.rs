@@ -230,9 +230,11 @@ fn upstream(mut s: TcpStream, p: &Pattern) -> Result<()> {
     Ok(())
 }
 
-/// Failures seen by either end: counted, the first few kept.
+/// Failures seen by either end (counted, the first few kept), and the
+/// bytes the tunnels were scripted to move.
 #[derive(Default)]
 struct Failures {
+    bytes: AtomicU64,
     count: AtomicU64,
     integrity: AtomicU64,
     first: Mutex<Vec<String>>,
@@ -324,6 +326,9 @@ fn run_tunnels(
                     while next.fetch_add(1, Ordering::Relaxed) < n {
                         let sc = Script::random(&mut rng);
                         let early = rng.random_bool(0.5);
+                        failures
+                            .bytes
+                            .fetch_add((sc.c2u + sc.u2c) as u64, Ordering::Relaxed);
                         if let Err(e) = client(proxy, target, p, &sc, early) {
                             failures.add(&format!("client ({:?})", sc.order), e);
                         }
@@ -421,10 +426,12 @@ fn soak() {
         };
         let (b, a) = (&run.before, &run.after);
         let failed = failures.count.load(Ordering::Relaxed);
+        let mib = failures.bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64;
         let integrity = failures.integrity.load(Ordering::Relaxed);
         let rss_growth = a.rss_kib as i64 - b.rss_kib as i64;
         eprintln!(
-            "[soak] mode={mode}: {} tunnels (+{} warm-up) in {:.1} s = {:.0} tunnels/s; failed {failed}, \
+            "[soak] mode={mode}: {} tunnels (+{} warm-up, {mib:.0} MiB in all) in {:.1} s = {:.0} \
+             tunnels/s; failed {failed}, \
              integrity faults {integrity}; fds {} -> {}; map entries {} -> {}; RSS {:.1} -> {:.1} MiB \
              ({:+} KiB, peak {:.1} MiB)",
             run.tunnels,
