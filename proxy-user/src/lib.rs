@@ -5,6 +5,7 @@
 //! → connect ([`upstream`]) → reply → hand off to a data path ([`tunnel`])
 //! → log ([`access_log`]) and count ([`metrics`]).
 
+pub mod accept_backoff;
 pub mod access_log;
 pub mod auth;
 pub mod btf;

@@ -85,6 +85,7 @@ pub struct Metrics {
     auth_delays: Counter,
     connect_errors: Family<KindLabels, Counter>,
     limit_rejections: Family<LimitLabels, Counter>,
+    accept_errors: Family<KindLabels, Counter>,
     handshake: Histogram,
 }
 
@@ -101,6 +102,7 @@ impl Metrics {
             auth_delays: Counter::default(),
             connect_errors: Family::default(),
             limit_rejections: Family::default(),
+            accept_errors: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
         };
         let mode_s = mode.to_string();
@@ -127,6 +129,9 @@ impl Metrics {
             let _ = m.limit_rejections.get_or_create(&LimitLabels {
                 limit: limit.label(),
             });
+        }
+        for kind in crate::accept_backoff::KINDS {
+            let _ = m.accept_errors.get_or_create(&KindLabels { kind });
         }
         let mut registry = m.registry;
         // Counters are registered without `_total`: the encoder appends it.
@@ -169,6 +174,11 @@ impl Metrics {
             "splice_proxy_limit_rejections",
             "Connections answered 503 at accept because a limit was reached, by limit",
             m.limit_rejections.clone(),
+        );
+        registry.register(
+            "splice_proxy_accept_errors",
+            "Failed accepts on the proxy listeners, by kind (fd_limit, memory, other)",
+            m.accept_errors.clone(),
         );
         registry.register(
             "splice_proxy_handshake_seconds",
@@ -220,6 +230,11 @@ impl Metrics {
         self.limit_rejections
             .get_or_create(&LimitLabels { limit })
             .inc();
+    }
+
+    /// An accept on a proxy listener failed; `kind` is `accept_backoff::kind`.
+    pub fn accept_failed(&self, kind: &'static str) {
+        self.accept_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// A request was answered with `status` (200 included).

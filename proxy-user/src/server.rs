@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept_backoff::AcceptBackoff;
 use crate::access_log::Record;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
@@ -348,22 +349,28 @@ async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
+            () = backoff.quiet() => {
+                backoff.recovered();
+                continue;
+            }
             () = stop.cancelled() => return,
         };
         match accepted {
             Ok((conn, peer)) => {
-                backoff = Duration::from_millis(5);
                 tracker.spawn(proxy.clone().serve_connection(conn, peer));
             }
             Err(e) => {
-                // EMFILE and friends: wait and retry rather than spin.
-                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                // EMFILE and friends: the backlog keeps the listener
+                // readable, so wait rather than spin.
+                let wait = backoff.failed(&e, &proxy.metrics);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         }
     }

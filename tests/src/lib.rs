@@ -6,6 +6,7 @@
 
 pub mod peers;
 pub mod rawhttp;
+pub mod resources;
 pub mod torture;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -59,16 +60,7 @@ impl Proxy {
     /// Starts `splice-proxy run --listen 127.0.0.1:<free port> <args>` and
     /// waits until it accepts connections.
     pub fn start(args: &[&str]) -> Result<Proxy> {
-        let mut last_err = None;
-        for _ in 0..5 {
-            let port = free_port();
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            match Self::start_on(addr, args) {
-                Ok(p) => return Ok(p),
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.unwrap())
+        Self::start_on_free_port(args, None)
     }
 
     /// Like [`Proxy::start`] with [`TEST_POLICY`] and the given mode.
@@ -79,8 +71,52 @@ impl Proxy {
         Self::start(&args)
     }
 
-    fn start_on(addr: SocketAddr, args: &[&str]) -> Result<Proxy> {
-        let mut child = Command::new(binary())
+    /// Like [`Proxy::start`] with the process's open-file limit (soft and
+    /// hard, so the proxy cannot raise it) set to `nofile`.
+    pub fn start_with_nofile(args: &[&str], nofile: u64) -> Result<Proxy> {
+        Self::start_on_free_port(args, Some(nofile))
+    }
+
+    /// Starts the proxy listening on `addr` (e.g. the address of one that
+    /// was just killed).
+    pub fn start_at(addr: SocketAddr, args: &[&str]) -> Result<Proxy> {
+        Self::launch(addr, args, None)
+    }
+
+    fn start_on_free_port(args: &[&str], nofile: Option<u64>) -> Result<Proxy> {
+        let mut last_err = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            match Self::launch(addr, args, nofile) {
+                Ok(p) => return Ok(p),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap())
+    }
+
+    fn launch(addr: SocketAddr, args: &[&str], nofile: Option<u64>) -> Result<Proxy> {
+        let mut command = Command::new(binary());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls setrlimit, which is async-signal-safe, with a
+            // pointer to a struct it owns.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("run")
             .arg("--listen")
             .arg(addr.to_string())

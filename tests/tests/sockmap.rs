@@ -9,20 +9,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use splice_proxy_tests::Proxy;
+use splice_proxy_tests::resources::{bpf_ids, cpu_secs};
 
 const TOTAL: u64 = 2 << 30;
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf with a valid name.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
-}
 
 fn access_field(line: &str, name: &str) -> Option<u64> {
     let start = line.find(&format!("{name}="))? + name.len() + 1;
@@ -58,7 +47,7 @@ fn two_gib_bypass_userspace() {
     });
 
     let mut tunnel = proxy.connect_tunnel(&target, None).unwrap();
-    let cpu_before = cpu_seconds(proxy.pid());
+    let cpu_before = cpu_secs(proxy.pid());
     let chunk: Vec<u8> = (0..4 << 20)
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
@@ -79,7 +68,7 @@ fn two_gib_bypass_userspace() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     tunnel.read_to_end(&mut rest).unwrap();
-    let cpu = cpu_seconds(proxy.pid()) - cpu_before;
+    let cpu = cpu_secs(proxy.pid()) - cpu_before;
     eprintln!(
         "sockmap: {} MiB in {:.2?} ({:.2} Gbit/s), proxy CPU {:.3} s",
         TOTAL >> 20,
@@ -111,29 +100,6 @@ fn two_gib_bypass_userspace() {
     assert!(line.contains("mode=sockmap"), "{line}");
     assert_eq!(access_field(&line, "bytes_up"), Some(TOTAL), "{line}");
     assert_eq!(access_field(&line, "bytes_down"), Some(0), "{line}");
-}
-
-/// BPF object ids (programs and maps) the process holds, from its fdinfo.
-fn bpf_ids(pid: u32) -> Vec<(&'static str, u32)> {
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        for line in info.lines() {
-            for (key, kind) in [("prog_id:", "prog"), ("map_id:", "map")] {
-                if let Some(v) = line.strip_prefix(key) {
-                    ids.push((kind, v.trim().parse().unwrap()));
-                }
-            }
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }
 
 fn bpf_object_exists(kind: &str, id: u32) -> bool {

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use splice_proxy_tests::resources::{cpu_secs, rss_kib};
 use splice_proxy_tests::torture::{
     End, FdSampler, Pattern, PeerOpts, Side, TunnelSpec, Upstream, finish_tunnel,
     finish_tunnel_opts, run_seed, run_tunnel, settle_fds,
@@ -142,18 +143,6 @@ fn dump_log(proxy: &Proxy) {
     for l in tail {
         eprintln!("  {l}");
     }
-}
-
-/// User + system CPU seconds used so far by process `pid`.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" of the command name: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / hz
 }
 
 fn mbs(bytes: u64, d: Duration) -> f64 {
@@ -519,18 +508,6 @@ fn backpressure_bounded() {
             run.rates()
         ))
     });
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Bytes sent in the same write as the CONNECT head (1 B to 1 MiB, with the

@@ -27,6 +27,9 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "socat",
     "bpftool",
+    // tests/faults: a client that vanishes without a FIN is a loopback port whose segments
+    // an nftables rule drops.
+    "nftables",
     // deploy/: the image test builds and runs the FROM-scratch image; the unit test runs
     // systemd-analyze verify on deploy/splice-proxy.service.
     "podman",

@@ -81,9 +81,17 @@ pub(super) async fn pump(
     let mut pipe: Option<Pipe> = None;
     loop {
         src.readable().await.map_err(PumpError::Read)?;
-        // Created on first data, so an idle tunnel holds no pipe.
+        // Created on first data, so an idle tunnel holds no pipe. Out of
+        // descriptors (EMFILE, ENFILE), the direction is copied through a
+        // userspace buffer instead: the tunnel lives on without a pipe.
         if pipe.is_none() {
-            pipe = Some(Pipe::new().map_err(PumpError::Read)?);
+            match Pipe::new() {
+                Ok(p) => pipe = Some(p),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    return super::copy::pump(src, dst, dir, progress).await;
+                }
+                Err(e) => return Err(PumpError::Read(e)),
+            }
         }
         let p = pipe.as_ref().expect("created above");
         // The pipe is always empty here, so only the socket can block.
