@@ -8,11 +8,14 @@
 pub mod access_log;
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod ebpf;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod request;
 pub mod server;
 pub mod tunnel;
 pub mod upstream;
+pub mod watch;

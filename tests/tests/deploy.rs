@@ -262,7 +262,8 @@ fn image_builds_from_scratch_and_tunnels_as_non_root() -> Result<()> {
         Duration::from_secs(60),
     )?;
     ensure!(
-        open.status.code() == Some(2) && text(&open).contains("needs --credentials or --htpasswd"),
+        open.status.code() == Some(2)
+            && text(&open).contains("needs --credentials, --credentials-file or --htpasswd"),
         "the image without credentials: {} {}",
         open.status,
         text(&open)
