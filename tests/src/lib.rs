@@ -138,6 +138,29 @@ impl Proxy {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits up to `within` for a log line containing `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no log line with {needle:?} within {within:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to the proxy and leaves it running.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
     /// The proxy's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
