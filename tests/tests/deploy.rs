@@ -606,6 +606,11 @@ fn kubernetes_manifests_validate_against_the_schemas_and_are_locked_down() -> Re
             "schema",
         ),
         ("maxUnavailable: 1", "maxSurge2: 1", "schema"),
+        (
+            "              readOnly: true\n",
+            "              readOnly: true\n              subPath: htpasswd\n",
+            "mounted with subPath (never updated)",
+        ),
     ];
     for (from, to, _) in &mutations {
         ensure!(
