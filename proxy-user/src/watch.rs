@@ -9,7 +9,7 @@
 //! A burst of events is reported once it has been quiet for [`DEBOUNCE`].
 //! The caller decides what changed (by reading the files).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -45,6 +45,8 @@ pub struct DirWatcher {
     inotify: AsyncFd<Inotify>,
     files: Vec<PathBuf>,
     watched: HashMap<PathBuf, WatchDescriptor>,
+    /// Directories whose watch failed (warned about once).
+    failing: HashSet<PathBuf>,
     buf: Vec<u8>,
 }
 
@@ -62,6 +64,7 @@ impl DirWatcher {
             inotify,
             files,
             watched: HashMap::new(),
+            failing: HashSet::new(),
             buf: vec![0; 16 * 1024],
         };
         w.rewatch();
@@ -167,14 +170,20 @@ impl DirWatcher {
             }
             match watches.add(&dir, mask()) {
                 Ok(wd) => {
+                    self.failing.remove(&dir);
                     self.watched.insert(dir, wd);
                     added = true;
                 }
-                Err(e) => tracing::warn!(
-                    dir = %dir.display(),
-                    error = %e,
-                    "cannot watch for credentials changes; trying again every {RETRY:?} (SIGHUP reloads meanwhile)"
-                ),
+                // Once per directory, not at every retry.
+                Err(e) if !self.failing.contains(&dir) => {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        error = %e,
+                        "cannot watch for credentials changes; trying again every {RETRY:?} (SIGHUP reloads meanwhile)"
+                    );
+                    self.failing.insert(dir);
+                }
+                Err(_) => {}
             }
         }
         added

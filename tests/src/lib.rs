@@ -71,6 +71,24 @@ impl Proxy {
         Err(last_err.unwrap())
     }
 
+    /// Like [`Proxy::start`] with `--metrics-listen` on a free loopback port
+    /// added; waits until that listener accepts too and returns its address.
+    pub fn start_with_metrics(args: &[&str]) -> Result<(Proxy, SocketAddr)> {
+        let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let maddr_s = maddr.to_string();
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--metrics-listen", &maddr_s]);
+        let proxy = Self::start(&all)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(maddr).is_err() {
+            if Instant::now() > deadline {
+                bail!("no metrics listener on {maddr} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((proxy, maddr))
+    }
+
     /// Like [`Proxy::start`] with [`TEST_POLICY`] and the given mode.
     pub fn start_mode(mode: &str, extra: &[&str]) -> Result<Proxy> {
         let mut args: Vec<&str> = TEST_POLICY.to_vec();

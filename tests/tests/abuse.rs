@@ -14,17 +14,10 @@ const OK_200: &str = "HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// A proxy with a metrics listener; returns it and the metrics address.
 fn proxy_with_metrics(extra: &[&str]) -> (Proxy, SocketAddr) {
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let maddr_s = maddr.to_string();
     let mut args: Vec<&str> = TEST_POLICY.to_vec();
-    args.extend_from_slice(&["--mode", "copy", "--metrics-listen", &maddr_s]);
+    args.extend_from_slice(&["--mode", "copy"]);
     args.extend_from_slice(extra);
-    let proxy = Proxy::start(&args).expect("start proxy");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(maddr).is_err() {
-        assert!(Instant::now() < deadline, "no metrics listener on {maddr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (proxy, maddr) = Proxy::start_with_metrics(&args).expect("start proxy");
     // Let the proxy see the end of the harness's readiness probe (a
     // connection from 127.0.0.1 that counts against per-address caps).
     std::thread::sleep(Duration::from_millis(200));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use splice_proxy_tests::peers::TempDir;
 use splice_proxy_tests::rawhttp::{basic, connect_head, echo_upstream, exchange, metric, run_cli};
 use splice_proxy_tests::torture::Pattern;
-use splice_proxy_tests::{Proxy, TEST_POLICY, free_port, modes};
+use splice_proxy_tests::{Proxy, TEST_POLICY, modes};
 
 /// How long a change on disk may take to be in force (it takes about the
 /// debounce, 150 ms).
@@ -79,26 +79,13 @@ impl SecretVolume {
 /// A proxy with `--credentials-file file` (and `extra`) and a metrics
 /// listener; returns it and the metrics address.
 fn start(file: &Path, extra: &[&str]) -> (Proxy, SocketAddr) {
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let maddr_s = maddr.to_string();
     let mut args: Vec<&str> = TEST_POLICY.to_vec();
-    args.extend_from_slice(&[
-        "--credentials-file",
-        file.to_str().unwrap(),
-        "--metrics-listen",
-        &maddr_s,
-    ]);
+    args.extend_from_slice(&["--credentials-file", file.to_str().unwrap()]);
     if !extra.contains(&"--mode") {
         args.extend_from_slice(&["--mode", "copy"]);
     }
     args.extend_from_slice(extra);
-    let proxy = Proxy::start(&args).expect("start proxy");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(maddr).is_err() {
-        assert!(Instant::now() < deadline, "no metrics listener on {maddr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (proxy, maddr)
+    Proxy::start_with_metrics(&args).expect("start proxy")
 }
 
 /// The status the proxy answers a CONNECT with these credentials.
