@@ -83,6 +83,10 @@ pub enum LoadProblem {
     Io(std::io::Error),
     #[error("{0}")]
     Line(LineError),
+    /// Refused rather than locking everyone out: an empty file is usually
+    /// one caught between a writer's truncate and its write.
+    #[error("no users")]
+    NoUsers,
 }
 
 /// What a reload did.
@@ -174,6 +178,9 @@ impl<T: UserFile> Source<T> {
         })?;
         let fresh = T::parse(text).map_err(|e| error(LoadProblem::Line(e)))?;
         let n = fresh.len();
+        if n == 0 {
+            return Err(error(LoadProblem::NoUsers));
+        }
         *self.current.write().expect("user file lock") = Arc::new(fresh);
         Ok(Reloaded::Loaded(n))
     }
@@ -676,6 +683,14 @@ mod tests {
             e.starts_with(&format!("--credentials-file {}: ", creds.display())),
             "{e}"
         );
+        assert!(a.authenticate(Some(&basic("alice:a:2"))).is_ok());
+        // Empty, or comments only: what a reader may see mid-write.
+        std::fs::write(&creds, "# nobody\n").unwrap();
+        let e = a
+            .reload(SourceKind::CredentialsFile, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with(": no users"), "{e}");
         assert!(a.authenticate(Some(&basic("alice:a:2"))).is_ok());
         std::fs::write(&creds, [b'u', b':', 0xff, b'\n']).unwrap();
         let e = a

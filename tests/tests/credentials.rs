@@ -211,6 +211,15 @@ fn bad_secret_update_keeps_the_previous_users_and_says_why() {
         proxy.log().join("\n")
     );
     assert_eq!(status(&proxy, &target, "mig", "pw-1"), 200);
+    // No users at all (a file caught mid-write looks like that).
+    vol.update("creds", "# nobody\n");
+    wait_metric(maddr, RELOADS_ERROR, 3.0);
+    assert!(
+        proxy.log().iter().any(|l| l.contains(": no users")),
+        "{}",
+        proxy.log().join("\n")
+    );
+    assert_eq!(status(&proxy, &target, "mig", "pw-1"), 200);
     vol.update("creds", "mig:pw-6\n");
     wait_status(&proxy, &target, "mig", "pw-6", 200);
     assert_eq!(status(&proxy, &target, "mig", "pw-1"), 407);
@@ -405,6 +414,9 @@ fn bad_file_at_start_up_exits_2_with_one_line() {
     let dir = TempDir::new("creds-startup").unwrap();
     let bad = dir.join("bad");
     std::fs::write(&bad, "ok:pw-1\n\n:pw-2\n").unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "# no one yet\n").unwrap();
+    let empty_s = empty.to_str().unwrap();
     let missing = dir.join("missing");
     let bad_s = bad.to_str().unwrap();
     let missing_s = missing.to_str().unwrap();
@@ -414,6 +426,7 @@ fn bad_file_at_start_up_exits_2_with_one_line() {
             bad_s,
             format!("--credentials-file {bad_s}: line 3: empty user name"),
         ),
+        (empty_s, format!("--credentials-file {empty_s}: no users")),
         (missing_s, format!("--credentials-file {missing_s}: ")),
         // There, but not readable as a file.
         (dir_s, format!("--credentials-file {dir_s}: ")),
