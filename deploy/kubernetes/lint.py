@@ -14,7 +14,10 @@ unknown fields are errors). Then the rules the README's "Deployment" section pro
 - seccomp RuntimeDefault, no hostPath volume, no host PID/IPC, no service account token;
 - requests and limits for CPU and memory; /readyz and /healthz probes on the metrics port;
 - a RollingUpdate with maxUnavailable, tolerations, Prometheus scrape annotations;
-- the proxy never runs open: --htpasswd or --credentials, never --allow-anonymous;
+- the proxy never runs open: --htpasswd, --credentials-file or --credentials, never
+  --allow-anonymous;
+- a Secret volume is mounted whole, never with subPath (kubelet never updates a subPath
+  mount, and the proxy rereads its credentials when the Secret changes);
 - a Service selects the DaemonSet's pods; the Secret holds an htpasswd key.
 
 `--migrationcontroller FILE` also checks the MTC snippet (a custom resource, so no schema).
@@ -132,7 +135,11 @@ def lint_pod(where, meta, spec, problems):
         if "--allow-anonymous" in args:
             bad(f"{cw}: --allow-anonymous makes an open proxy")
         if not any(a.startswith(("--htpasswd", "--credentials")) for a in args):
-            bad(f"{cw}: no --htpasswd or --credentials")
+            bad(f"{cw}: no --htpasswd, --credentials-file or --credentials")
+        secret_volumes = {v.get("name") for v in spec.get("volumes", []) if "secret" in v}
+        for m in c.get("volumeMounts", []):
+            if m.get("name") in secret_volumes and ("subPath" in m or "subPathExpr" in m):
+                bad(f"{cw}: Secret volume {m.get('name')} mounted with subPath (never updated)")
 
 
 def lint(docs, problems):

@@ -1,15 +1,19 @@
-//! Basic proxy authentication: static users from the command line and an
-//! htpasswd file (bcrypt, `{SHA}`, `$apr1$`), reloadable without touching
-//! open tunnels. Passwords are never logged and compared in constant time.
+//! Basic proxy authentication: static users from the command line, a
+//! credentials file of plain `user:pass` lines and an htpasswd file (bcrypt,
+//! `{SHA}`, `$apr1$`); both files reloadable without touching open tunnels
+//! or handshakes in flight. Passwords are never logged and compared in
+//! constant time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use base64::Engine;
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+
+use crate::credentials::{LineError, Users};
 
 /// Who is tunnelling: `None` for an anonymous tunnel.
 pub type Identity = Option<String>;
@@ -25,66 +29,221 @@ pub enum AuthError {
     Wrong(String),
 }
 
-/// One user from `--credentials`: digests, so every comparison takes the same time.
-struct StaticUser {
-    name: String,
-    name_digest: [u8; 32],
-    pass_digest: [u8; 32],
+/// A file of users that can be reloaded while the proxy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    /// `--credentials-file`: plain `user:pass` lines.
+    CredentialsFile,
+    /// `--htpasswd`: hashed passwords.
+    Htpasswd,
 }
 
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+impl SourceKind {
+    pub const ALL: [SourceKind; 2] = [SourceKind::CredentialsFile, SourceKind::Htpasswd];
+
+    /// The flag that names the file.
+    pub fn flag(self) -> &'static str {
+        match self {
+            SourceKind::CredentialsFile => "--credentials-file",
+            SourceKind::Htpasswd => "--htpasswd",
+        }
+    }
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceKind::CredentialsFile => "credentials_file",
+            SourceKind::Htpasswd => "htpasswd",
+        }
+    }
 }
 
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceKind::CredentialsFile => "credentials file",
+            SourceKind::Htpasswd => "htpasswd",
+        })
+    }
+}
+
+/// Why a file of users could not be (re)loaded. One line naming the flag,
+/// the file and, for a bad entry, the line number; never a password.
+#[derive(Debug, thiserror::Error)]
+#[error("{} {}: {problem}", kind.flag(), path.display())]
+pub struct LoadError {
+    pub kind: SourceKind,
+    pub path: PathBuf,
+    pub problem: LoadProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadProblem {
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("{0}")]
+    Line(LineError),
+    /// Refused rather than locking everyone out: an empty file is usually
+    /// one caught between a writer's truncate and its write.
+    #[error("no users")]
+    NoUsers,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The file was read and is in force now, with this many users.
+    Loaded(usize),
+    /// Only when asked to skip unchanged files: same bytes as last time.
+    Unchanged,
+    /// The flag was not given.
+    NotConfigured,
+}
+
+/// A file parsed into `T`; readers take a cheap `Arc` clone, a reload swaps
+/// it, so handshakes in flight finish with the table they started with.
+struct Source<T> {
+    kind: SourceKind,
+    path: PathBuf,
+    current: RwLock<Arc<T>>,
+    /// SHA-256 of the bytes last read successfully (loaded or rejected), so
+    /// a burst of directory events for an unchanged file is not a reload.
+    last_read: Mutex<[u8; 32]>,
+}
+
+/// The parsers [`Source`] knows.
+trait UserFile: Sized {
+    fn parse(text: &str) -> Result<Self, LineError>;
+    fn len(&self) -> usize;
+}
+
+impl UserFile for Users {
+    fn parse(text: &str) -> Result<Users, LineError> {
+        Users::parse_file(text)
+    }
+    fn len(&self) -> usize {
+        Users::len(self)
+    }
+}
+
+impl UserFile for Htpasswd {
+    fn parse(text: &str) -> Result<Htpasswd, LineError> {
+        Htpasswd::parse(text)
+    }
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+impl<T: UserFile> Source<T> {
+    fn load(kind: SourceKind, path: &Path) -> Result<Source<T>, LoadError> {
+        let source = Source {
+            kind,
+            path: path.to_path_buf(),
+            current: RwLock::new(Arc::new(T::parse("").expect("empty file parses"))),
+            last_read: Mutex::new([0; 32]),
+        };
+        source.reload(false)?;
+        Ok(source)
+    }
+
+    fn get(&self) -> Arc<T> {
+        self.current.read().expect("user file lock").clone()
+    }
+
+    /// Reads and parses the file (through any symlinks, afresh) and puts it
+    /// in force; on error the previous contents stay.
+    fn reload(&self, skip_unchanged: bool) -> Result<Reloaded, LoadError> {
+        // Held to the end: two reloads at once (SIGHUP and a change on
+        // disk) must not put an older read in force after a newer one.
+        let mut last = self.last_read.lock().expect("user file lock");
+        let error = |problem| LoadError {
+            kind: self.kind,
+            path: self.path.clone(),
+            problem,
+        };
+        let bytes = std::fs::read(&self.path).map_err(|e| error(LoadProblem::Io(e)))?;
+        let fingerprint: [u8; 32] = Sha256::digest(&bytes).into();
+        if skip_unchanged && *last == fingerprint {
+            return Ok(Reloaded::Unchanged);
+        }
+        *last = fingerprint;
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            error(LoadProblem::Line(LineError::new(line, "not UTF-8")))
+        })?;
+        let fresh = T::parse(text).map_err(|e| error(LoadProblem::Line(e)))?;
+        let n = fresh.len();
+        if n == 0 {
+            return Err(error(LoadProblem::NoUsers));
+        }
+        *self.current.write().expect("user file lock") = Arc::new(fresh);
+        Ok(Reloaded::Loaded(n))
+    }
+}
+
+/// Every source of users. A user is accepted if any source accepts the
+/// password: a name in several sources has several valid passwords (so a
+/// move from one file to another needs no flag day).
 pub struct Authenticator {
-    users: Vec<StaticUser>,
-    htpasswd: Option<(PathBuf, RwLock<Arc<Htpasswd>>)>,
+    users: Users,
+    credentials_file: Option<Source<Users>>,
+    htpasswd: Option<Source<Htpasswd>>,
     anonymous: bool,
 }
 
 impl Authenticator {
-    /// Builds the authenticator; reads the htpasswd file once.
+    /// Builds the authenticator; reads each file once.
     pub fn new(
         credentials: &[(String, String)],
+        credentials_file: Option<&Path>,
         htpasswd: Option<&Path>,
         anonymous: bool,
-    ) -> Result<Authenticator, HtpasswdError> {
-        let users = credentials
-            .iter()
-            .map(|(u, p)| StaticUser {
-                name: u.clone(),
-                name_digest: digest(u.as_bytes()),
-                pass_digest: digest(p.as_bytes()),
-            })
-            .collect();
-        let htpasswd = match htpasswd {
-            Some(path) => Some((
-                path.to_path_buf(),
-                RwLock::new(Arc::new(Htpasswd::load(path)?)),
-            )),
-            None => None,
-        };
+    ) -> Result<Authenticator, LoadError> {
+        let credentials_file = credentials_file
+            .map(|p| Source::load(SourceKind::CredentialsFile, p))
+            .transpose()?;
+        let htpasswd = htpasswd
+            .map(|p| Source::load(SourceKind::Htpasswd, p))
+            .transpose()?;
         Ok(Authenticator {
-            users,
+            users: Users::from_pairs(credentials),
+            credentials_file,
             htpasswd,
             anonymous,
         })
     }
 
     fn has_users(&self) -> bool {
-        !self.users.is_empty() || self.htpasswd.is_some()
+        !self.users.is_empty() || self.credentials_file.is_some() || self.htpasswd.is_some()
     }
 
-    /// Re-reads the htpasswd file. On error the previous contents stay in force.
-    /// Returns the number of users now loaded, or `None` without a file.
-    pub fn reload(&self) -> Result<Option<usize>, HtpasswdError> {
-        let Some((path, current)) = &self.htpasswd else {
-            return Ok(None);
-        };
-        let fresh = Htpasswd::load(path)?;
-        let n = fresh.entries.len();
-        *current.write().expect("htpasswd lock") = Arc::new(fresh);
-        Ok(Some(n))
+    /// The file behind `kind`, if that flag was given.
+    pub fn path(&self, kind: SourceKind) -> Option<&Path> {
+        match kind {
+            SourceKind::CredentialsFile => self.credentials_file.as_ref().map(|s| s.path.as_path()),
+            SourceKind::Htpasswd => self.htpasswd.as_ref().map(|s| s.path.as_path()),
+        }
+    }
+
+    /// Re-reads one file. On error the previous contents stay in force.
+    /// With `skip_unchanged`, a file whose bytes are those read last time
+    /// is left alone ([`Reloaded::Unchanged`]).
+    pub fn reload(&self, kind: SourceKind, skip_unchanged: bool) -> Result<Reloaded, LoadError> {
+        match kind {
+            SourceKind::CredentialsFile => self
+                .credentials_file
+                .as_ref()
+                .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
+            SourceKind::Htpasswd => self
+                .htpasswd
+                .as_ref()
+                .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
+        }
     }
 
     /// Checks a `Proxy-Authorization` value. bcrypt is slow by design, so
@@ -102,7 +261,10 @@ impl Authenticator {
             return Ok(None);
         }
         let (user, pass) = decode_basic(header).ok_or(AuthError::Malformed)?;
-        if self.check_static(&user, &pass) || self.check_htpasswd(&user, &pass) {
+        let accepted = self.users.verify(&user, &pass)
+            || (self.credentials_file.as_ref()).is_some_and(|s| s.get().verify(&user, &pass))
+            || (self.htpasswd.as_ref()).is_some_and(|s| s.get().verify(&user, &pass));
+        if accepted {
             Ok(Some(user))
         } else {
             Err(AuthError::Wrong(user))
@@ -112,29 +274,6 @@ impl Authenticator {
     /// Whether [`Authenticator::authenticate`] may take milliseconds (bcrypt).
     pub fn needs_blocking(&self) -> bool {
         self.htpasswd.is_some()
-    }
-
-    fn check_static(&self, user: &str, pass: &str) -> bool {
-        let (u, p) = (digest(user.as_bytes()), digest(pass.as_bytes()));
-        // Visit every entry so the time does not depend on which one matched.
-        let mut ok = subtle::Choice::from(0);
-        for entry in &self.users {
-            ok |= entry.name_digest.ct_eq(&u) & entry.pass_digest.ct_eq(&p);
-        }
-        bool::from(ok)
-    }
-
-    fn check_htpasswd(&self, user: &str, pass: &str) -> bool {
-        let Some((_, file)) = &self.htpasswd else {
-            return false;
-        };
-        let file = file.read().expect("htpasswd lock").clone();
-        file.verify(user, pass)
-    }
-
-    /// The static user names, for start-up logging.
-    pub fn static_users(&self) -> impl Iterator<Item = &str> {
-        self.users.iter().map(|u| u.name.as_str())
     }
 }
 
@@ -170,31 +309,17 @@ enum PasswordHash {
     Apr1 { salt: String, hash: String },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum HtpasswdError {
-    #[error("{0}: {1}")]
-    Io(PathBuf, std::io::Error),
-    #[error("line {0}: {1}")]
-    Line(usize, String),
-}
-
 impl Htpasswd {
-    pub fn load(path: &Path) -> Result<Htpasswd, HtpasswdError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| HtpasswdError::Io(path.to_path_buf(), e))?;
-        Htpasswd::parse(&text)
-    }
-
     /// Parses `user:hash` lines; blank lines and `#` comments are skipped.
     /// An entry in a format we cannot verify is an error, not a silent lockout.
-    pub fn parse(text: &str) -> Result<Htpasswd, HtpasswdError> {
+    pub fn parse(text: &str) -> Result<Htpasswd, LineError> {
         let mut entries = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = |why: &str| HtpasswdError::Line(i + 1, why.to_string());
+            let bad = |why: &str| LineError::new(i + 1, why);
             let (user, hash) = line
                 .split_once(':')
                 .ok_or_else(|| bad("expected user:hash"))?;
@@ -356,6 +481,7 @@ mod tests {
                 ("bob".into(), "pw".into()),
             ],
             None,
+            None,
             false,
         )
         .unwrap();
@@ -381,11 +507,11 @@ mod tests {
 
     #[test]
     fn anonymous() {
-        let open = Authenticator::new(&[], None, true).unwrap();
+        let open = Authenticator::new(&[], None, None, true).unwrap();
         assert_eq!(open.authenticate(None), Ok(None));
         assert_eq!(open.authenticate(Some(&basic("x:y"))), Ok(None));
         // With users and --allow-anonymous, credentials that are sent must be right.
-        let mixed = Authenticator::new(&[("u".into(), "p".into())], None, true).unwrap();
+        let mixed = Authenticator::new(&[("u".into(), "p".into())], None, None, true).unwrap();
         assert_eq!(mixed.authenticate(None), Ok(None));
         assert!(mixed.authenticate(Some(&basic("u:bad"))).is_err());
     }
@@ -435,21 +561,168 @@ mod tests {
         }
     }
 
+    /// A scratch directory removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("splice-auth-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn reload_keeps_old_file_on_error() {
-        let dir = std::env::temp_dir().join(format!("splice-auth-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("htpasswd");
+        let dir = Scratch::new("htpasswd");
+        let path = dir.0.join("htpasswd");
         std::fs::write(&path, "u:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n").unwrap();
-        let a = Authenticator::new(&[], Some(&path), false).unwrap();
+        let a = Authenticator::new(&[], None, Some(&path), false).unwrap();
         assert!(a.authenticate(Some(&basic("u:secret"))).is_ok());
         std::fs::write(&path, "garbage\n").unwrap();
-        assert!(a.reload().is_err());
+        let e = a.reload(SourceKind::Htpasswd, false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("--htpasswd {}: line 1: expected user:hash", path.display())
+        );
         assert!(a.authenticate(Some(&basic("u:secret"))).is_ok());
         std::fs::write(&path, "v:$apr1$xxxxxxxx$dxHfLAsjHkDRmG83UXe8K0\n").unwrap();
-        assert_eq!(a.reload().unwrap(), Some(1));
+        assert_eq!(
+            a.reload(SourceKind::Htpasswd, false).unwrap(),
+            Reloaded::Loaded(1)
+        );
         assert!(a.authenticate(Some(&basic("u:secret"))).is_err());
         assert!(a.authenticate(Some(&basic("v:password"))).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            a.reload(SourceKind::CredentialsFile, false).unwrap(),
+            Reloaded::NotConfigured
+        );
+    }
+
+    #[test]
+    fn credentials_file_with_other_sources() {
+        let dir = Scratch::new("credfile");
+        let creds = dir.0.join("creds");
+        let htpasswd = dir.0.join("htpasswd");
+        std::fs::write(&creds, "alice:a:1\nshared:from-file\n").unwrap();
+        // {SHA} of "secret".
+        std::fs::write(&htpasswd, "shared:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n").unwrap();
+        let a = Authenticator::new(
+            &[("shared".into(), "from-flag".into())],
+            Some(&creds),
+            Some(&htpasswd),
+            false,
+        )
+        .unwrap();
+        assert_eq!(a.path(SourceKind::CredentialsFile), Some(creds.as_path()));
+        assert_eq!(
+            a.authenticate(Some(&basic("alice:a:1"))),
+            Ok(Some("alice".into()))
+        );
+        // A name in several sources: each source's password is accepted.
+        for pass in ["from-flag", "from-file", "secret"] {
+            let header = basic(&format!("shared:{pass}"));
+            assert_eq!(
+                a.authenticate(Some(&header)),
+                Ok(Some("shared".into())),
+                "{pass}"
+            );
+        }
+        assert!(a.authenticate(Some(&basic("shared:other"))).is_err());
+
+        // Unchanged bytes are skipped only when asked; a bad file changes nothing.
+        assert_eq!(
+            a.reload(SourceKind::CredentialsFile, true).unwrap(),
+            Reloaded::Unchanged
+        );
+        assert_eq!(
+            a.reload(SourceKind::CredentialsFile, false).unwrap(),
+            Reloaded::Loaded(2)
+        );
+        std::fs::write(&creds, "alice:a:2\nalice:dup-secret\n").unwrap();
+        let e = a
+            .reload(SourceKind::CredentialsFile, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("--credentials-file {}: line 2: ", creds.display())),
+            "{e}"
+        );
+        assert!(!e.contains("dup-secret"), "{e}");
+        assert!(a.authenticate(Some(&basic("alice:a:1"))).is_ok());
+        // The same bad bytes again: not retried until they change.
+        assert_eq!(
+            a.reload(SourceKind::CredentialsFile, true).unwrap(),
+            Reloaded::Unchanged
+        );
+        std::fs::write(&creds, "alice:a:2\n").unwrap();
+        assert_eq!(
+            a.reload(SourceKind::CredentialsFile, true).unwrap(),
+            Reloaded::Loaded(1)
+        );
+        assert!(a.authenticate(Some(&basic("alice:a:1"))).is_err());
+        assert!(a.authenticate(Some(&basic("alice:a:2"))).is_ok());
+        assert!(a.authenticate(Some(&basic("shared:from-file"))).is_err());
+        assert!(a.authenticate(Some(&basic("shared:from-flag"))).is_ok());
+
+        // A missing file: an error, the old users stay.
+        std::fs::remove_file(&creds).unwrap();
+        let e = a
+            .reload(SourceKind::CredentialsFile, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("--credentials-file {}: ", creds.display())),
+            "{e}"
+        );
+        assert!(a.authenticate(Some(&basic("alice:a:2"))).is_ok());
+        // Empty, or comments only: what a reader may see mid-write.
+        std::fs::write(&creds, "# nobody\n").unwrap();
+        let e = a
+            .reload(SourceKind::CredentialsFile, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with(": no users"), "{e}");
+        assert!(a.authenticate(Some(&basic("alice:a:2"))).is_ok());
+        std::fs::write(&creds, [b'u', b':', 0xff, b'\n']).unwrap();
+        let e = a
+            .reload(SourceKind::CredentialsFile, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with(": line 1: not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn start_up_errors_name_flag_file_and_line() {
+        let dir = Scratch::new("startup");
+        let creds = dir.0.join("creds");
+        std::fs::write(&creds, "# users\nok:1\nnocolon\n").unwrap();
+        let e = Authenticator::new(&[], Some(&creds), None, false)
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--credentials-file {}: line 3: expected user:password",
+                creds.display()
+            )
+        );
+        let missing = dir.0.join("missing");
+        let e = Authenticator::new(&[], None, Some(&missing), false)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("--htpasswd {}: ", missing.display())),
+            "{e}"
+        );
     }
 }

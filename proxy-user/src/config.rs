@@ -62,12 +62,17 @@ pub struct RunArgs {
           value_parser = parse_credentials, hide_env_values = true)]
     pub credentials: Vec<(String, String)>,
 
-    /// htpasswd file (bcrypt, SHA1, apr1); reloaded on SIGHUP.
+    /// File of `user:pass` lines (plain passwords, split at the first ':');
+    /// reloaded on SIGHUP and when it changes.
+    #[arg(long = "credentials-file", value_name = "FILE")]
+    pub credentials_file: Option<PathBuf>,
+
+    /// htpasswd file (bcrypt, SHA1, apr1); reloaded on SIGHUP and when it changes.
     #[arg(long = "htpasswd", value_name = "FILE")]
     pub htpasswd: Option<PathBuf>,
 
     /// Accept tunnels without credentials. Required for a non-loopback
-    /// listener without --credentials or --htpasswd.
+    /// listener without --credentials, --credentials-file or --htpasswd.
     #[arg(long = "allow-anonymous")]
     pub allow_anonymous: bool,
 
@@ -139,6 +144,7 @@ pub struct RunArgs {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub credentials: Vec<(String, String)>,
+    pub credentials_file: Option<PathBuf>,
     pub htpasswd: Option<PathBuf>,
     /// Tunnels without credentials are accepted: `--allow-anonymous`, or no
     /// credentials configured at all (allowed on loopback listeners only).
@@ -175,17 +181,24 @@ impl RunArgs {
         } else {
             self.listen
         };
-        let has_credentials = !self.credentials.is_empty() || self.htpasswd.is_some();
+        let has_credentials = !self.credentials.is_empty()
+            || self.credentials_file.is_some()
+            || self.htpasswd.is_some();
         if !has_credentials && !self.allow_anonymous {
             if let Some(public) = listen.iter().find(|a| !a.ip().is_loopback()) {
                 return Err(ConfigError(format!(
-                    "--listen {public}: a non-loopback listener needs --credentials or --htpasswd (or --allow-anonymous to run an open proxy)"
+                    "--listen {public}: a non-loopback listener needs --credentials, --credentials-file or --htpasswd (or --allow-anonymous to run an open proxy)"
                 )));
             }
         }
-        if let Some(path) = &self.htpasswd {
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(ConfigError(format!("--htpasswd {}: {e}", path.display())));
+        for (flag, path) in [
+            ("--credentials-file", &self.credentials_file),
+            ("--htpasswd", &self.htpasswd),
+        ] {
+            if let Some(path) = path {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(ConfigError(format!("{flag} {}: {e}", path.display())));
+                }
             }
         }
         if let Some(m) = self.metrics_listen {
@@ -203,6 +216,7 @@ impl RunArgs {
         Ok(Config {
             listen,
             credentials: self.credentials,
+            credentials_file: self.credentials_file,
             htpasswd: self.htpasswd,
             allow_anonymous: self.allow_anonymous || !has_credentials,
             allow_dst: self.allow_dst,
@@ -392,6 +406,18 @@ mod tests {
         assert!(e.contains("--listen"), "{e}");
         assert!(run_args(&["--listen", "0.0.0.0:3128", "--allow-anonymous"]).is_ok());
         assert!(run_args(&["--listen", "0.0.0.0:3128", "--credentials", "a:b"]).is_ok());
+        let file = std::env::temp_dir().join(format!("splice-config-{}", std::process::id()));
+        std::fs::write(&file, "a:b\n").unwrap();
+        let c = run_args(&[
+            "--listen",
+            "0.0.0.0:3128",
+            "--credentials-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(c.credentials_file.as_deref(), Some(file.as_path()));
+        assert!(!c.allow_anonymous);
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]
@@ -410,6 +436,10 @@ mod tests {
             (&["--auth-fail-delay", "2h"][..], "--auth-fail-delay"),
             (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
             (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
+            (
+                &["--credentials-file", "/nonexistent/creds"][..],
+                "--credentials-file",
+            ),
             (&["--metrics-listen", "9090"][..], "--metrics-listen"),
             (
                 &["--metrics-listen", "127.0.0.1:3128"][..],

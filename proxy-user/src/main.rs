@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use splice_proxy::auth::Authenticator;
 use splice_proxy::config::{Cli, Command, Config, LogFormat};
 use splice_proxy::metrics::{self, Metrics};
+use splice_proxy::reload;
 use splice_proxy::server::{self, Proxy};
 use splice_proxy::tunnel;
 use splice_proxy::upstream::{Connector, SystemResolver};
@@ -96,11 +97,13 @@ fn run(cfg: Config) -> ExitCode {
     // the runtime starts, so it exits 2 with one line.
     let auth = match Authenticator::new(
         &cfg.credentials,
+        cfg.credentials_file.as_deref(),
         cfg.htpasswd.as_deref(),
         cfg.allow_anonymous,
     ) {
         Ok(a) => Arc::new(a),
-        Err(e) => return config_error(format_args!("--htpasswd: {e}")),
+        // Names the flag, the file and the line.
+        Err(e) => return config_error(e),
     };
     init_logging(cfg.log_format);
     raise_fd_limit();
@@ -158,7 +161,8 @@ async fn serve(
         metrics.clone(),
     ));
     let stop = CancellationToken::new();
-    spawn_signal_handlers(auth, stop.clone()).context("installing signal handlers")?;
+    spawn_signal_handlers(stop.clone()).context("installing signal handlers")?;
+    reload::spawn(auth, metrics.clone()).context("installing the SIGHUP handler")?;
     // Listeners bound, data path chosen (and attached): ready until `stop`.
     if let Some(listener) = metrics_listener {
         tokio::spawn(metrics::serve(listener, metrics, stop.clone()));
@@ -180,6 +184,9 @@ fn auth_summary(cfg: &Config) -> String {
     if !cfg.credentials.is_empty() {
         parts.push(format!("{} static", cfg.credentials.len()));
     }
+    if let Some(p) = &cfg.credentials_file {
+        parts.push(format!("credentials file {}", p.display()));
+    }
     if let Some(p) = &cfg.htpasswd {
         parts.push(format!("htpasswd {}", p.display()));
     }
@@ -189,28 +196,16 @@ fn auth_summary(cfg: &Config) -> String {
     parts.join(", ")
 }
 
-/// SIGTERM/SIGINT start the drain; SIGHUP reloads the htpasswd file.
-fn spawn_signal_handlers(auth: Arc<Authenticator>, stop: CancellationToken) -> std::io::Result<()> {
+/// SIGTERM/SIGINT start the drain (SIGHUP is [`reload`]'s).
+fn spawn_signal_handlers(stop: CancellationToken) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: no longer accepting, draining"),
             _ = int.recv() => tracing::info!("SIGINT: no longer accepting, draining"),
         }
         stop.cancel();
-    });
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match auth.reload() {
-                Ok(Some(n)) => tracing::info!(users = n, "SIGHUP: htpasswd reloaded"),
-                Ok(None) => tracing::info!("SIGHUP: no --htpasswd file to reload"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "SIGHUP: htpasswd not reloaded, keeping the previous one")
-                }
-            }
-        }
     });
     Ok(())
 }

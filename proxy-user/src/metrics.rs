@@ -17,11 +17,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::SourceKind;
 use crate::tunnel::{End, Mode};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +51,17 @@ struct StatusLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +99,8 @@ pub struct Metrics {
     connect_errors: Family<KindLabels, Counter>,
     limit_rejections: Family<LimitLabels, Counter>,
     accept_errors: Family<KindLabels, Counter>,
+    credential_reloads: Family<ReloadLabels, Counter>,
+    credentials_loaded: Family<SourceLabels, Gauge<f64, AtomicU64>>,
     handshake: Histogram,
 }
 
@@ -103,6 +118,8 @@ impl Metrics {
             connect_errors: Family::default(),
             limit_rejections: Family::default(),
             accept_errors: Family::default(),
+            credential_reloads: Family::default(),
+            credentials_loaded: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
         };
         let mode_s = mode.to_string();
@@ -132,6 +149,14 @@ impl Metrics {
         }
         for kind in crate::accept_backoff::KINDS {
             let _ = m.accept_errors.get_or_create(&KindLabels { kind });
+        }
+        for kind in SourceKind::ALL {
+            for result in ["ok", "error"] {
+                let _ = m.credential_reloads.get_or_create(&ReloadLabels {
+                    source: kind.label(),
+                    result,
+                });
+            }
         }
         let mut registry = m.registry;
         // Counters are registered without `_total`: the encoder appends it.
@@ -179,6 +204,16 @@ impl Metrics {
             "splice_proxy_accept_errors",
             "Failed accepts on the proxy listeners, by kind (fd_limit, memory, other)",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "splice_proxy_credential_reloads",
+            "Reloads of a credentials file (SIGHUP or a change on disk), by source (credentials_file, htpasswd) and result (ok, error: the previous users stay)",
+            m.credential_reloads.clone(),
+        );
+        registry.register(
+            "splice_proxy_credentials_loaded_timestamp_seconds",
+            "Unix time a credentials file was last loaded successfully (at start-up or a reload), by source",
+            m.credentials_loaded.clone(),
         );
         registry.register(
             "splice_proxy_handshake_seconds",
@@ -235,6 +270,33 @@ impl Metrics {
     /// An accept on a proxy listener failed; `kind` is `accept_backoff::kind`.
     pub fn accept_failed(&self, kind: &'static str) {
         self.accept_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// A credentials file was loaded successfully, at start-up or a reload.
+    pub fn credentials_loaded(&self, source: SourceKind) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.credentials_loaded
+            .get_or_create(&SourceLabels {
+                source: source.label(),
+            })
+            .set(now.as_secs_f64());
+    }
+
+    /// A reload of a credentials file succeeded (`ok`) or kept the previous
+    /// users (`!ok`).
+    pub fn credentials_reloaded(&self, source: SourceKind, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.credential_reloads
+            .get_or_create(&ReloadLabels {
+                source: source.label(),
+                result,
+            })
+            .inc();
+        if ok {
+            self.credentials_loaded(source);
+        }
     }
 
     /// A request was answered with `status` (200 included).
@@ -514,6 +576,37 @@ mod tests {
         assert_eq!(
             sample(&t, r#"splice_proxy_handshake_seconds_bucket{le="+Inf"}"#),
             Some(1.0)
+        );
+
+        for source in ["credentials_file", "htpasswd"] {
+            for result in ["ok", "error"] {
+                let s = format!(
+                    r#"splice_proxy_credential_reloads_total{{source="{source}",result="{result}"}}"#
+                );
+                assert_eq!(sample(&t, &s), Some(0.0), "{s}\n{t}");
+            }
+        }
+        let loaded = r#"splice_proxy_credentials_loaded_timestamp_seconds{source="htpasswd"}"#;
+        assert_eq!(sample(&t, loaded), None, "{t}");
+        m.credentials_reloaded(SourceKind::Htpasswd, false);
+        let t = m.render();
+        assert_eq!(sample(&t, loaded), None, "{t}");
+        m.credentials_reloaded(SourceKind::Htpasswd, true);
+        m.credentials_reloaded(SourceKind::Htpasswd, true);
+        let t = m.render();
+        let ok = r#"splice_proxy_credential_reloads_total{source="htpasswd",result="ok"}"#;
+        let err = r#"splice_proxy_credential_reloads_total{source="htpasswd",result="error"}"#;
+        assert_eq!(sample(&t, ok), Some(2.0), "{t}");
+        assert_eq!(sample(&t, err), Some(1.0), "{t}");
+        let when = sample(&t, loaded).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(when > now - 60.0 && when <= now, "{when} vs {now}");
+        assert!(
+            t.contains("# TYPE splice_proxy_credentials_loaded_timestamp_seconds gauge\n"),
+            "{t}"
         );
 
         drop(active);

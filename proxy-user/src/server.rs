@@ -394,7 +394,7 @@ mod tests {
             unreachable!()
         };
         let cfg = args.validate().unwrap();
-        let auth = Arc::new(Authenticator::new(&[], None, true).unwrap());
+        let auth = Arc::new(Authenticator::new(&[], None, None, true).unwrap());
         let connector = Connector {
             resolver: Arc::new(resolver),
             timeout: Duration::from_secs(2),

@@ -63,6 +63,24 @@ impl Proxy {
         Self::start_on_free_port(args, None)
     }
 
+    /// Like [`Proxy::start`] with `--metrics-listen` on a free loopback port
+    /// added; waits until that listener accepts too and returns its address.
+    pub fn start_with_metrics(args: &[&str]) -> Result<(Proxy, SocketAddr)> {
+        let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let maddr_s = maddr.to_string();
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--metrics-listen", &maddr_s]);
+        let proxy = Self::start(&all)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(maddr).is_err() {
+            if Instant::now() > deadline {
+                bail!("no metrics listener on {maddr} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((proxy, maddr))
+    }
+
     /// Like [`Proxy::start`] with [`TEST_POLICY`] and the given mode.
     pub fn start_mode(mode: &str, extra: &[&str]) -> Result<Proxy> {
         let mut args: Vec<&str> = TEST_POLICY.to_vec();
@@ -172,6 +190,29 @@ impl Proxy {
     /// Everything the proxy printed so far (stdout and stderr, by line).
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Waits up to `within` for a log line containing `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no log line with {needle:?} within {within:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to the proxy and leaves it running.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
     /// The proxy's process id.

@@ -240,3 +240,20 @@ pub fn run_cli(args: &[&str], timeout: Duration) -> Result<(Option<i32>, String,
         o.join().unwrap_or_default(),
     ))
 }
+
+/// One sample of `/metrics` on `maddr` (0 when absent), e.g.
+/// `splice_proxy_requests_total{status="200"}`.
+pub fn metric(maddr: SocketAddr, series: &str) -> f64 {
+    let mut s = TcpStream::connect(maddr).expect("connect to the metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(k, _)| *k == series)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,13 +1,12 @@
 //! Abuse limits end to end (issue 6, "Abuse"): `--max-handshakes`, each
 //! checked on the wire and on `/metrics`.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
-    basic, connect, connect_head, echo_upstream, expect_failure, read_head, run_cli,
+    basic, connect, connect_head, echo_upstream, expect_failure, metric, read_head, run_cli,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
 
@@ -15,38 +14,14 @@ const OK_200: &str = "HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// A proxy with a metrics listener; returns it and the metrics address.
 fn proxy_with_metrics(extra: &[&str]) -> (Proxy, SocketAddr) {
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let maddr_s = maddr.to_string();
     let mut args: Vec<&str> = TEST_POLICY.to_vec();
-    args.extend_from_slice(&["--mode", "copy", "--metrics-listen", &maddr_s]);
+    args.extend_from_slice(&["--mode", "copy"]);
     args.extend_from_slice(extra);
-    let proxy = Proxy::start(&args).expect("start proxy");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(maddr).is_err() {
-        assert!(Instant::now() < deadline, "no metrics listener on {maddr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (proxy, maddr) = Proxy::start_with_metrics(&args).expect("start proxy");
     // Let the proxy see the end of the harness's readiness probe (a
     // connection from 127.0.0.1 that counts against per-address caps).
     std::thread::sleep(Duration::from_millis(200));
     (proxy, maddr)
-}
-
-/// One sample of `/metrics` (0 when absent).
-fn metric(maddr: SocketAddr, series: &str) -> f64 {
-    let mut s = TcpStream::connect(maddr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let samples: HashMap<&str, f64> = out
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
-        .collect();
-    samples.get(series).copied().unwrap_or(0.0)
 }
 
 /// Writes the first half of a CONNECT head: the handshake stays in progress.

@@ -262,7 +262,8 @@ fn image_builds_from_scratch_and_tunnels_as_non_root() -> Result<()> {
         Duration::from_secs(60),
     )?;
     ensure!(
-        open.status.code() == Some(2) && text(&open).contains("needs --credentials or --htpasswd"),
+        open.status.code() == Some(2)
+            && text(&open).contains("needs --credentials, --credentials-file or --htpasswd"),
         "the image without credentials: {} {}",
         open.status,
         text(&open)
@@ -605,6 +606,11 @@ fn kubernetes_manifests_validate_against_the_schemas_and_are_locked_down() -> Re
             "schema",
         ),
         ("maxUnavailable: 1", "maxSurge2: 1", "schema"),
+        (
+            "              readOnly: true\n",
+            "              readOnly: true\n              subPath: htpasswd\n",
+            "mounted with subPath (never updated)",
+        ),
     ];
     for (from, to, _) in &mutations {
         ensure!(

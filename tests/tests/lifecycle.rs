@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use splice_proxy_tests::{Proxy, TEST_POLICY, read_response_head};
 
@@ -49,18 +49,9 @@ fn status_of(proxy: &Proxy, target: &str, user_pass: Option<&str>) -> String {
 }
 
 fn wait_for_log(proxy: &Proxy, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(line) = proxy.log().into_iter().find(|l| l.contains(needle)) {
-            return line;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needle:?}:\n{}",
-            proxy.log().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proxy
+        .wait_for_log(needle, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -84,8 +75,7 @@ fn sighup_reloads_htpasswd_and_keeps_open_tunnels() {
 
     // {SHA} of "secret"
     std::fs::write(&file, "new:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n").unwrap();
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
+    proxy.signal(libc::SIGHUP);
     wait_for_log(&proxy, "htpasswd reloaded");
     assert!(status_of(&proxy, &target, Some("old:password")).contains(" 407 "));
     assert!(status_of(&proxy, &target, Some("new:secret")).contains(" 200 "));
@@ -94,8 +84,7 @@ fn sighup_reloads_htpasswd_and_keeps_open_tunnels() {
 
     // A broken file keeps the previous one in force.
     std::fs::write(&file, "this is not htpasswd\n").unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
+    proxy.signal(libc::SIGHUP);
     wait_for_log(&proxy, "htpasswd not reloaded");
     assert!(status_of(&proxy, &target, Some("new:secret")).contains(" 200 "));
 
