@@ -7,11 +7,12 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use splice_proxy_tests::Proxy;
 use splice_proxy_tests::resources::{bpf_ids, cpu_secs};
 
 const TOTAL: u64 = 2 << 30;
+/// The sender's pace in `two_gib_bypass_userspace`: 2 GiB in about 5 s.
+const PACE_BYTES_PER_SEC: f64 = 400e6;
 
 fn access_field(line: &str, name: &str) -> Option<u64> {
     let start = line.find(&format!("{name}="))? + name.len() + 1;
@@ -30,37 +31,56 @@ fn two_gib_bypass_userspace() {
     };
     let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let target = sink.local_addr().unwrap().to_string();
-    let reader = std::thread::spawn(move || {
-        let (mut s, _) = sink.accept().unwrap();
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            let got = s.read(&mut buf).unwrap();
-            if got == 0 {
-                break;
+    let chunk: Vec<u8> = (0..4 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    // The sink compares every byte with what the sender sent at that offset (a repeating 4 MiB
+    // chunk): memcmp keeps up with the tunnel, where hashing would make the sink the slowest
+    // part and bring the backlog bound (and userspace moving held bytes) into play.
+    let reader = std::thread::spawn({
+        let chunk = chunk.clone();
+        move || {
+            let (mut s, _) = sink.accept().unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            let mut first_bad = None;
+            loop {
+                let got = s.read(&mut buf).unwrap();
+                if got == 0 {
+                    break;
+                }
+                let mut done = 0;
+                while done < got && first_bad.is_none() {
+                    let off = ((n + done as u64) % chunk.len() as u64) as usize;
+                    let len = (got - done).min(chunk.len() - off);
+                    if buf[done..done + len] != chunk[off..off + len] {
+                        first_bad = Some(n + done as u64);
+                    }
+                    done += len;
+                }
+                n += got as u64;
             }
-            hash.update(&buf[..got]);
-            n += got as u64;
+            (n, first_bad)
         }
-        (n, hash.finalize())
     });
 
     let mut tunnel = proxy.connect_tunnel(&target, None).unwrap();
     let cpu_before = cpu_secs(proxy.pid());
-    let chunk: Vec<u8> = (0..4 << 20)
-        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let mut sent_hash = Sha256::new();
     let started = Instant::now();
     let mut sent = 0u64;
     while sent < TOTAL {
         tunnel.write_all(&chunk).unwrap();
-        sent_hash.update(&chunk);
         sent += chunk.len() as u64;
+        // Paced below what the kernel's redirect worker moves even on a busy 2-core machine:
+        // a sender that outpaces it fills the backlog bound, and then userspace moves the held
+        // bytes (tests/tests/torture.rs and stalled_upstream_holds_the_bound cover that).
+        let due = Duration::from_secs_f64(sent as f64 / PACE_BYTES_PER_SEC);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
     }
     tunnel.shutdown(Shutdown::Write).unwrap();
-    let (received, got_hash) = reader.join().unwrap();
+    let (received, first_bad) = reader.join().unwrap();
     let elapsed = started.elapsed();
     // The upstream closed after reading everything: the client sees EOF.
     let mut rest = Vec::new();
@@ -77,7 +97,7 @@ fn two_gib_bypass_userspace() {
         cpu
     );
     assert_eq!(received, TOTAL, "bytes lost or duplicated");
-    assert_eq!(got_hash, sent_hash.finalize(), "bytes corrupted");
+    assert_eq!(first_bad, None, "bytes corrupted from this offset on");
     assert!(rest.is_empty());
     assert!(
         cpu < 0.05,
@@ -144,4 +164,126 @@ fn sigkill_leaves_no_program_or_map_behind() {
     }
     let again = Proxy::start_mode("sockmap", &[]).expect("a clean start after SIGKILL");
     assert!(!bpf_ids(again.pid()).is_empty());
+}
+
+/// Kernel memory held by TCP sockets, host-wide: `/proc/net/sockstat` "TCP: ... mem N" (pages).
+fn tcp_mem_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let mut words = line.split_whitespace();
+    let pages: u64 = words
+        .by_ref()
+        .skip_while(|w| *w != "mem")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    pages * 4096
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = text
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// An upstream that accepts and never reads, for 30 s (SPLICE_STALL_SECS): the client can get no
+/// more than the backlog bound ahead, it stays there (no creeping growth), socket and host memory
+/// stay bounded, and once the upstream reads, every byte arrives in order.
+#[test]
+fn stalled_upstream_holds_the_bound() {
+    const MIB: u64 = 1 << 20;
+    let stall = Duration::from_secs(
+        std::env::var("SPLICE_STALL_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30),
+    );
+    let bound = 8 * MIB;
+    let proxy = Proxy::start_mode("sockmap", &["--sockmap-backlog", "8MiB"]).unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    // Small buffers at both ends, so what the client gets ahead is what the proxy holds.
+    socket2::SockRef::from(&upstream)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    let target = upstream.local_addr().unwrap().to_string();
+    let tunnel = proxy.connect_tunnel(&target, None).unwrap();
+    let (mut server, _) = upstream.accept().unwrap();
+    socket2::SockRef::from(&tunnel)
+        .set_send_buffer_size(64 * 1024)
+        .unwrap();
+    tunnel.set_nonblocking(true).unwrap();
+
+    let (tcp_mem_before, avail_before) = (tcp_mem_bytes(), mem_available());
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let mut written = 0u64;
+    let mut at_5s = None;
+    let (mut tcp_mem_peak, mut avail_low) = (tcp_mem_before, avail_before);
+    let started = Instant::now();
+    let mut writer = &tunnel;
+    while started.elapsed() < stall {
+        let off = (written % chunk.len() as u64) as usize;
+        match writer.write(&chunk[off..]) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("client write: {e}"),
+        }
+        if at_5s.is_none() && started.elapsed() >= Duration::from_secs(5).min(stall / 2) {
+            at_5s = Some(written);
+        }
+        tcp_mem_peak = tcp_mem_peak.max(tcp_mem_bytes());
+        avail_low = avail_low.min(mem_available());
+    }
+    let at_5s = at_5s.unwrap();
+    let tcp_mem_growth = tcp_mem_peak.saturating_sub(tcp_mem_before);
+    let host_growth = avail_before.saturating_sub(avail_low);
+    eprintln!(
+        "stalled upstream for {stall:?}: client {:.1} MiB ahead (bound {} MiB; {:.1} MiB after 5 s), \
+         TCP socket memory +{:.1} MiB at peak, host MemAvailable -{:.1} MiB at worst",
+        written as f64 / MIB as f64,
+        bound / MIB,
+        at_5s as f64 / MIB as f64,
+        tcp_mem_growth as f64 / MIB as f64,
+        host_growth as f64 / MIB as f64,
+    );
+    // Slack: the client's and the upstream's own socket buffers and one segment in flight.
+    assert!(
+        written <= bound + 2 * MIB,
+        "the client got {written} bytes ahead of a stalled upstream: over the {bound}-byte bound"
+    );
+    assert!(
+        written - at_5s <= MIB,
+        "the backlog kept growing while the upstream stalled: {at_5s} bytes at 5 s, {written} at the end"
+    );
+    // Charged socket memory includes skb overhead (truesize): allow 3x the payload bound.
+    assert!(
+        tcp_mem_growth <= 3 * (bound + 2 * MIB),
+        "TCP socket memory grew by {tcp_mem_growth} bytes for a {bound}-byte bound"
+    );
+    // Host-wide and noisy (other processes run too); catches the unbounded case (gigabytes).
+    assert!(
+        host_growth <= 512 * MIB,
+        "host MemAvailable fell by {host_growth} bytes during the stall"
+    );
+
+    // The upstream reads now: every byte, in order, then EOF once the client closes.
+    tunnel.set_nonblocking(false).unwrap();
+    tunnel.shutdown(Shutdown::Write).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len() as u64, written, "bytes lost or duplicated");
+    let expected: Vec<u8> = chunk.iter().copied().cycle().take(got.len()).collect();
+    assert!(got == expected, "bytes reordered or corrupted");
 }

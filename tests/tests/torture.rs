@@ -373,12 +373,12 @@ fn gib_each_way() {
     });
 }
 
-/// Case 6: 500 tunnels open at once (all established before any data flows),
+/// Case 6: 1,000 tunnels open at once (all established before any data flows),
 /// each moving 0..256 KiB of random data both ways; all verified.
 #[test]
 fn many_tunnels() {
-    const N: u64 = 500;
-    torture("many_tunnels_500", |c| {
+    const N: u64 = 1000;
+    torture("many_tunnels_1000", |c| {
         let mut rng_state = c.seed;
         let mut next = || {
             rng_state = rng_state
@@ -442,7 +442,7 @@ fn many_tunnels() {
         if !errors.is_empty() {
             bail!(
                 "{}: {} of {N} tunnels failed; first ones:\n    {}",
-                c.tag("500 tunnels"),
+                c.tag("1,000 tunnels"),
                 errors.len(),
                 errors[..errors.len().min(5)].join("\n    ")
             );

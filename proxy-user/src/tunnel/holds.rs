@@ -49,9 +49,12 @@ impl Backlog {
     }
 
     /// Receive buffer of each tunnel socket (the kernel's `sk_rcvbuf`): what a socket can hold
-    /// once the program holds, before TCP closes the sender's window.
+    /// once the program holds, before TCP closes the sender's window. Userspace moves about this
+    /// much per backpressure episode, so it is kept small against the threshold (the kernel
+    /// forwards about half a threshold between episodes); it also caps the TCP window the proxy
+    /// advertises (loopback and LAN need far less; a long fat path may want a larger bound).
     pub fn rcvbuf(self) -> u64 {
-        (self.bound / 8).clamp(128 * KIB, 2 * MIB)
+        (self.bound / 32).clamp(128 * KIB, MIB)
     }
 
     /// Unacknowledged bytes towards the peer above which the program holds.
@@ -293,7 +296,7 @@ mod tests {
     fn backlog_splits_the_bound() {
         let b = Backlog::default();
         assert_eq!(b.bytes(), 16 * MIB);
-        assert_eq!(b.rcvbuf(), 2 * MIB);
+        assert_eq!(b.rcvbuf(), 512 * KIB);
         assert_eq!(b.threshold() + b.rcvbuf(), b.bytes());
         assert!(b.sndbuf() > b.threshold());
         let small = Backlog::new(Backlog::MIN_BYTES).expect("minimum is valid");
