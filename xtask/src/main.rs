@@ -192,7 +192,7 @@ fn test(args: &[OsString]) -> Result<()> {
         cargo().args(["fmt", "--all", "--", "--check"]),
     );
     check(
-        "fmt",
+        "fmt-fuzz",
         "check formatting of the fuzz targets",
         cargo().args([
             "fmt",
