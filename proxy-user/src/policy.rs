@@ -31,6 +31,20 @@ pub struct IpNet {
 }
 
 impl IpNet {
+    /// A network inside `::ffff:0:0/96` is the IPv4 network it maps
+    /// (`::ffff:10.0.0.0/104` is `10.0.0.0/8`), since addresses are compared
+    /// in their IPv4 form. Any other IPv6 network, `::/0` included, holds no
+    /// IPv4 address.
+    fn new(addr: IpAddr, prefix: u8) -> IpNet {
+        match (canonical(addr), addr) {
+            (IpAddr::V4(v4), IpAddr::V6(_)) if prefix >= 96 => IpNet {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            },
+            _ => IpNet { addr, prefix },
+        }
+    }
+
     fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -72,20 +86,18 @@ impl DstPattern {
             let addr: IpAddr = addr
                 .parse()
                 .map_err(|_| format!("{s:?}: not an IP network (expected e.g. 10.0.0.0/8)"))?;
-            let addr = canonical(addr);
             let max = if addr.is_ipv4() { 32 } else { 128 };
             let prefix: u8 = prefix
                 .parse()
                 .ok()
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?;
-            return Ok(DstPattern::Net(IpNet { addr, prefix }));
+            return Ok(DstPattern::Net(IpNet::new(addr, prefix)));
         }
         let bare = s.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = bare.parse::<IpAddr>() {
-            let ip = canonical(ip);
             let prefix = if ip.is_ipv4() { 32 } else { 128 };
-            return Ok(DstPattern::Net(IpNet { addr: ip, prefix }));
+            return Ok(DstPattern::Net(IpNet::new(ip, prefix)));
         }
         let (suffix, name) = match s.strip_prefix("*.") {
             Some(rest) => (true, rest),
@@ -408,6 +420,25 @@ mod tests {
         assert!(p.check_target(&target("[2001:db9::1]:443")).is_err());
         assert!(p.check_target(&target("[::ffff:10.1.2.3]:443")).is_ok());
         assert!(DstPattern::parse("0.0.0.0/0").is_ok());
+        // An IPv4-mapped network is the IPv4 network (it used to be refused:
+        // "prefix length must be 0-32").
+        assert_eq!(
+            DstPattern::parse("::ffff:10.1.0.0/112"),
+            DstPattern::parse("10.1.0.0/16")
+        );
+        assert_eq!(
+            DstPattern::parse("[::ffff:10.1.2.3]"),
+            DstPattern::parse("10.1.2.3")
+        );
+        // Other IPv6 networks hold no IPv4 address, not even ::/0.
+        let v6_any = policy(&["::/0"], "443");
+        assert!(v6_any.check_target(&target("[2001:db8::1]:443")).is_ok());
+        assert!(
+            v6_any
+                .check_target(&target("[::ffff:192.0.2.1]:443"))
+                .is_err()
+        );
+        assert!(v6_any.check_target(&target("192.0.2.1:443")).is_err());
         assert!(DstPattern::parse("10.0.0.0/33").is_err());
         assert!(DstPattern::parse("a b").is_err());
     }

@@ -73,25 +73,137 @@ pub enum RequestError {
 pub async fn read_request<R: AsyncRead + Unpin>(
     conn: &mut R,
 ) -> Result<(Request, Vec<u8>), RequestError> {
-    let mut buf = Vec::with_capacity(1024);
+    let mut reader = HeadReader::new();
+    let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        if buf.len() >= MAX_HEAD {
-            return Err(RequestError::TooLarge);
-        }
         // Never read more than the cap allows, so a flood is cut off at 64 KiB.
-        let want = (MAX_HEAD - buf.len()).min(16 * 1024);
-        let start = buf.len();
-        buf.resize(start + want, 0);
-        let n = conn.read(&mut buf[start..]).await?;
-        buf.truncate(start + n);
+        // `room` is never 0 here: a push that fills the cap decides.
+        let want = reader.room().min(chunk.len());
+        let n = conn.read(&mut chunk[..want]).await?;
         if n == 0 {
-            return Err(RequestError::Closed);
+            return Err(reader.at_eof());
         }
-        if let Some((req, head_len)) = parse_head(&buf)? {
-            let rest = buf.split_off(head_len);
-            return Ok((req, rest));
+        if let Some(done) = reader.push(&chunk[..n])? {
+            return Ok(done);
         }
     }
+}
+
+/// The request head as it arrives, in pieces of any size: the same pieces
+/// always give the same outcome as the whole head at once.
+///
+/// httparse parses from the start every time, so parsing after every piece
+/// would cost O(n²) for a head dribbled a byte per segment (a 64 KiB head,
+/// 64 Ki reads, gigabytes scanned). The reader parses only when that can
+/// decide something: the first piece (a TLS hello or other garbage is
+/// refused at once), a piece that may end the head (it completes a blank
+/// line), every doubling of the buffer (a bad line in a head that never
+/// ends is still found early), the cap, and EOF. Blank lines before the
+/// request line (which httparse skips) are dropped as they arrive, so they
+/// cannot make every piece look like a head's end.
+#[derive(Debug, Default)]
+pub struct HeadReader {
+    /// Bytes kept, from the first byte of the request line on.
+    buf: Vec<u8>,
+    /// Bytes received in all, leading blank lines included (the cap's measure).
+    taken: usize,
+    /// `buf.len()` at the last parse (0: not parsed yet).
+    parsed_len: usize,
+    /// Parses so far (the cost; see the unit tests).
+    parses: usize,
+}
+
+impl HeadReader {
+    pub fn new() -> HeadReader {
+        HeadReader::default()
+    }
+
+    /// How many more bytes the head may have (the rest of [`MAX_HEAD`]).
+    pub fn room(&self) -> usize {
+        MAX_HEAD.saturating_sub(self.taken)
+    }
+
+    /// How many times the buffered head was parsed.
+    pub fn parses(&self) -> usize {
+        self.parses
+    }
+
+    /// Adds the next bytes from the client. `Ok(Some)` once the head is
+    /// complete: the request and the bytes after the head (from this push).
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Option<(Request, Vec<u8>)>, RequestError> {
+        let before = self.buf.len();
+        self.taken += bytes.len();
+        self.buf.extend_from_slice(bytes);
+        self.drop_leading_blank_lines();
+        if self.buf.is_empty() {
+            return if self.taken >= MAX_HEAD {
+                Err(RequestError::TooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        let at_cap = self.taken >= MAX_HEAD;
+        let may_end = ends_a_blank_line(&self.buf, before.min(self.buf.len()));
+        if self.parsed_len == 0 || may_end || at_cap || self.buf.len() >= 2 * self.parsed_len {
+            if let Some(done) = self.parse()? {
+                return Ok(Some(done));
+            }
+        }
+        if at_cap {
+            return Err(RequestError::TooLarge);
+        }
+        Ok(None)
+    }
+
+    /// The client closed before the head was complete: what to report.
+    /// A head that is already malformed is reported as such, whichever
+    /// pieces it came in.
+    pub fn at_eof(&mut self) -> RequestError {
+        if self.buf.len() > self.parsed_len {
+            if let Err(e) = self.parse() {
+                return e;
+            }
+        }
+        RequestError::Closed
+    }
+
+    fn parse(&mut self) -> Result<Option<(Request, Vec<u8>)>, RequestError> {
+        self.parses += 1;
+        self.parsed_len = self.buf.len();
+        let Some((req, head_len)) = parse_head(&self.buf)? else {
+            return Ok(None);
+        };
+        // The head itself, leading blank lines included, must fit the cap.
+        let dropped = self.taken - self.buf.len();
+        if dropped + head_len > MAX_HEAD {
+            return Err(RequestError::TooLarge);
+        }
+        Ok(Some((req, self.buf.split_off(head_len))))
+    }
+
+    /// Drops the empty lines (`\r\n` or `\n`) before the request line; a
+    /// no-op once the buffer starts with the request line.
+    fn drop_leading_blank_lines(&mut self) {
+        let mut i = 0;
+        loop {
+            match &self.buf[i..] {
+                [b'\n', ..] => i += 1,
+                [b'\r', b'\n', ..] => i += 2,
+                _ => break,
+            }
+        }
+        if i > 0 {
+            self.buf.drain(..i);
+            self.parsed_len = 0;
+        }
+    }
+}
+
+/// Whether the bytes from `from` on (with the two before, which may start
+/// the pattern) complete an empty line: `\n\n` or `\n\r\n`.
+fn ends_a_blank_line(buf: &[u8], from: usize) -> bool {
+    let window = &buf[from.saturating_sub(2)..];
+    window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// Parses a buffered head; `Ok(None)` when more bytes are needed.
@@ -156,7 +268,10 @@ pub fn parse_authority(s: &str) -> Result<Target, AuthorityError> {
         if host.contains(':') {
             return Err(AuthorityError::UnbracketedV6);
         }
-        let host = if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        // `1.2.3.4.` is the address 1.2.3.4, not a name (it would print
+        // as one and resolve to it anyway).
+        let literal = host.strip_suffix('.').unwrap_or(host);
+        let host = if let Ok(ip) = literal.parse::<std::net::Ipv4Addr>() {
             Host::Ip(IpAddr::V4(ip))
         } else if is_valid_hostname(host) {
             Host::Name(crate::policy::normalize_name(host))
@@ -177,10 +292,17 @@ pub fn parse_authority(s: &str) -> Result<Target, AuthorityError> {
 
 /// Letters, digits, '-', '_' in dot-separated labels of 1-63 bytes, 253 in all;
 /// one trailing dot allowed. No percent-encoding, no Unicode (use punycode).
+///
+/// A name whose last label is a number (`127.1`, `2130706433`, `0x7f.1`,
+/// `1.2.3.04`) is not a name: the resolver would read it as an IPv4 address
+/// in one of inet_aton's forms. Only the dotted-decimal form is an address
+/// here (the URL standard's rule), so those are refused rather than left to
+/// the resolver's reading.
 pub fn is_valid_hostname(host: &str) -> bool {
     let h = host.strip_suffix('.').unwrap_or(host);
     !h.is_empty()
         && h.len() <= 253
+        && !h.rsplit('.').next().is_some_and(is_numeric_label)
         && h.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
@@ -190,6 +312,17 @@ pub fn is_valid_hostname(host: &str) -> bool {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// Decimal digits, or `0x` and hex digits: what inet_aton reads as a number.
+fn is_numeric_label(label: &str) -> bool {
+    let hex = label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"));
+    match hex {
+        Some(digits) => digits.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()),
+    }
 }
 
 /// Statuses the proxy answers with.
@@ -371,6 +504,36 @@ mod tests {
             assert!(parse_authority(bad_host).is_err(), "{bad_host}");
         }
         assert!(parse_authority("xn--bcher-kva.de:443").is_ok());
+        // A trailing dot after an address: still the address (it used to be
+        // a "name" that printed as the address and resolved to it).
+        assert_eq!(
+            parse_authority("127.0.0.1.:443").unwrap().host,
+            Host::Ip("127.0.0.1".parse().unwrap())
+        );
+        // Numbers inet_aton would read as addresses are neither names nor addresses.
+        for numeric in [
+            "127.1:443",
+            "2130706433:443",
+            "0x7f.0.0.1:443",
+            "0x7f000001:443",
+            "127.0.0.01:443",
+            "1.2.3.4.5:443",
+            "host.123:443",
+            "0x:443",
+        ] {
+            assert!(
+                matches!(parse_authority(numeric), Err(AuthorityError::BadHost(_))),
+                "{numeric}"
+            );
+        }
+        for name in [
+            "123.example:443",
+            "a1.b2:443",
+            "0xcafe.example:443",
+            "x0:443",
+        ] {
+            assert!(parse_authority(name).is_ok(), "{name}");
+        }
     }
 
     #[test]
@@ -385,6 +548,126 @@ mod tests {
         assert!(r.contains("\r\nConnection: close\r\n"));
         let r = String::from_utf8(Status::MethodNotAllowed.response()).unwrap();
         assert!(r.contains("\r\nAllow: CONNECT\r\n"));
+    }
+
+    /// Feeds `pieces` to a [`HeadReader`]; at the end the client closes.
+    fn feed(pieces: &[&[u8]]) -> (Result<(Request, Vec<u8>), String>, usize) {
+        let mut r = HeadReader::new();
+        for (i, p) in pieces.iter().enumerate() {
+            match r.push(p) {
+                Ok(Some((req, mut rest))) => {
+                    // What follows the head goes through the tunnel.
+                    pieces[i + 1..]
+                        .iter()
+                        .for_each(|p| rest.extend_from_slice(p));
+                    return (Ok((req, rest)), r.parses());
+                }
+                Ok(None) => {}
+                Err(e) => return (Err(e.to_string()), r.parses()),
+            }
+        }
+        (Err(r.at_eof().to_string()), r.parses())
+    }
+
+    #[test]
+    fn any_two_pieces_give_the_same_outcome_as_one() {
+        let heads: &[&[u8]] = &[
+            b"CONNECT route.example:443 HTTP/1.1\r\nHost: route.example:443\r\nProxy-Authorization: basic bWlnOnMzY3I6ZXQ=\r\n\r\nEARLY",
+            b"\r\n\nCONNECT a:443 HTTP/1.0\n\n",
+            b"CONNECT a:443 HTTP/1.1\r\nBad Header: x\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nX: \x00\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nX: y\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            b"\r",
+            b"\r\r\n",
+        ];
+        for head in heads {
+            let (whole, _) = feed(&[head]);
+            for cut in 0..=head.len() {
+                let (a, b) = head.split_at(cut);
+                let (split, _) = feed(&[a, b]);
+                assert_eq!(
+                    split,
+                    whole,
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(head)
+                );
+            }
+            let bytes: Vec<&[u8]> = head.chunks(1).collect();
+            assert_eq!(
+                feed(&bytes).0,
+                whole,
+                "{:?} byte by byte",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_dribbled_byte_by_byte_is_parsed_a_few_times_not_per_byte() {
+        // Parsing after every read would parse ~60,000 times here (O(n²)).
+        let mut head = b"CONNECT h:443 HTTP/1.1\r\n".to_vec();
+        while head.len() < 60 * 1024 {
+            head.extend_from_slice(b"X-Filler: 0123456789abcdef0123456789\r\n");
+        }
+        let mut headers_ok = head.clone();
+        head.extend_from_slice(b"\r\n");
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        let (out, parses) = feed(&bytes);
+        // Far more than 100 header lines: refused as too large, not parsed per byte.
+        assert_eq!(out.unwrap_err(), RequestError::TooLarge.to_string());
+        assert!(
+            parses <= 20,
+            "{parses} parses for a {} byte head",
+            head.len()
+        );
+        // Under the header count limit, with one long header: accepted.
+        headers_ok.truncate(24);
+        headers_ok.extend_from_slice(b"X-Long: ");
+        headers_ok.resize(60 * 1024, b'a');
+        headers_ok.extend_from_slice(b"\r\n\r\n");
+        let bytes: Vec<&[u8]> = headers_ok.chunks(1).collect();
+        let (out, parses) = feed(&bytes);
+        assert_eq!(out.unwrap().0.target.to_string(), "h:443");
+        assert!(
+            parses <= 20,
+            "{parses} parses for a {} byte head",
+            headers_ok.len()
+        );
+    }
+
+    #[test]
+    fn blank_lines_before_the_request_line_count_toward_the_cap_and_cost_no_parse() {
+        let flood = b"\r\n".repeat(MAX_HEAD / 2);
+        let bytes: Vec<&[u8]> = flood.chunks(2).collect();
+        let (out, parses) = feed(&bytes);
+        assert_eq!(out.unwrap_err(), RequestError::TooLarge.to_string());
+        assert_eq!(parses, 0);
+        // A few are skipped, as httparse does.
+        let (out, _) = feed(&[b"\r\n\r\n", b"CONNECT h:443 HTTP/1.1\r\n\r\n"]);
+        assert_eq!(out.unwrap().0.target.to_string(), "h:443");
+    }
+
+    #[test]
+    fn a_bad_line_then_eof_is_malformed_not_closed() {
+        // The second piece is not parsed when it arrives (no blank line,
+        // no doubling); EOF still reports it for what it is.
+        let (out, _) = feed(&[b"CONNECT h:443 HTTP/1.1\r\n", b"Bad Header: x\r\n"]);
+        assert!(out.unwrap_err().starts_with("malformed request"));
+        let (out, _) = feed(&[b"CONNECT h:443 HTTP/1.1\r\n", b"X: y\r\n"]);
+        assert_eq!(out.unwrap_err(), RequestError::Closed.to_string());
+    }
+
+    #[test]
+    fn a_head_over_the_cap_in_one_push_is_too_large() {
+        let mut head = b"CONNECT h:443 HTTP/1.1\r\nX: ".to_vec();
+        head.resize(MAX_HEAD + 10, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            feed(&[&head]).0.unwrap_err(),
+            RequestError::TooLarge.to_string()
+        );
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
-//! `cargo xtask setup | build | run | test`: the project's own entry points, so a fresh machine
+//! `cargo xtask setup | build | run | test | fuzz | bench`: the project's own entry points, so a fresh machine
 //! and CI do exactly what a developer does.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -26,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what this machine lacks: nightly + rust-src, bpf-linker, Debian packages, bpffs.
+    /// Install what this machine lacks: nightly + rust-src, bpf-linker, cargo-fuzz, Debian
+    /// packages, bpffs.
     /// Idempotent and non-interactive; a no-op when everything is present.
     Setup,
     /// Setup, then build the release binary (target/release/splice-proxy).
@@ -36,8 +38,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Setup, build, then run every test (release), clippy and rustfmt. Arguments after `--`
-    /// go to `cargo test` (e.g. test name filters).
+    /// Setup, build, then run every test (release), the fuzz targets (60 s each, or
+    /// SPLICE_FUZZ_SECONDS), clippy and rustfmt. Arguments after `--` go to `cargo test` (e.g.
+    /// test name filters).
     Test {
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -45,6 +48,9 @@ enum Task {
     /// Build, then compare splice-proxy's data paths with no proxy, squid and tinyproxy:
     /// throughput, CPU per GB, handshakes, latency, idle memory (docs/benchmarks.md).
     Bench(bench::Opts),
+    /// Setup, then run the cargo-fuzz targets (request head, Basic credentials) for a bounded
+    /// time each from the committed corpus; fails on any crash, panic or hang.
+    Fuzz(fuzz::Opts),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +61,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Bench(opts) => bench(&opts),
+        Task::Fuzz(opts) => setup::run().and_then(|()| fuzz::run(&opts)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,6 +161,14 @@ fn test(args: &[OsString]) -> Result<()> {
     }
     check("tests", "run the tests (release)", &mut tests);
 
+    // The parsers on hostile input, for a bounded time each (SPLICE_FUZZ_SECONDS, default 60).
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    check(
+        "fuzz",
+        "fuzz the request head and Basic decoders",
+        Command::new(xtask).arg("fuzz"),
+    );
+
     // Lints do not need the eBPF object: skip its (separate, dev-profile) build.
     check(
         "clippy",
@@ -175,6 +190,17 @@ fn test(args: &[OsString]) -> Result<()> {
         "fmt",
         "check formatting",
         cargo().args(["fmt", "--all", "--", "--check"]),
+    );
+    check(
+        "fmt-fuzz",
+        "check formatting of the fuzz targets",
+        cargo().args([
+            "fmt",
+            "--manifest-path",
+            "proxy-user/fuzz/Cargo.toml",
+            "--",
+            "--check",
+        ]),
     );
 
     let total = started.elapsed().as_secs_f64();

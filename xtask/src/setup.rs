@@ -42,6 +42,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM majors that release has bindings for (`llvm-NN` features).
 const BPF_LINKER_LLVM_FEATURES: &[u32] = &[21, 22, 23];
 
+/// cargo-fuzz release that `cargo xtask fuzz` drives (with the nightly toolchain).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 pub fn run() -> Result<()> {
     let started = Instant::now();
     let mut done = Vec::new();
@@ -49,13 +52,14 @@ pub fn run() -> Result<()> {
     lint_components(&mut done)?;
     let nightly = nightly(&mut done)?;
     let linker = bpf_linker(&nightly, &mut done)?;
+    let fuzz = cargo_fuzz(&mut done)?;
     apt_packages(&mut done)?;
     bpffs(&mut done);
 
     let took = started.elapsed().as_secs_f64();
     if done.is_empty() {
         step(&format!(
-            "setup: nothing to do ({}, {linker}, {} Debian packages, bpffs) in {took:.1}s",
+            "setup: nothing to do ({}, {linker}, {fuzz}, {} Debian packages, bpffs) in {took:.1}s",
             nightly.version,
             PACKAGES.len()
         ));
@@ -212,6 +216,33 @@ fn bpf_linker(nightly: &Nightly, done: &mut Vec<String>) -> Result<String> {
     };
     done.push(format!(
         "built {v} ({:.0}s)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(v)
+}
+
+/// cargo-fuzz (`cargo fuzz`), for `cargo xtask fuzz`; it needs no LLVM of its own (the nightly
+/// toolchain brings libFuzzer's instrumentation).
+fn cargo_fuzz(done: &mut Vec<String>) -> Result<String> {
+    let version = || output("cargo", &["fuzz", "--version"]).map(|v| v.trim().to_owned());
+    if let Some(v) = version().filter(|v| v.ends_with(CARGO_FUZZ_VERSION)) {
+        return Ok(v);
+    }
+    let started = Instant::now();
+    run_step(
+        "install cargo-fuzz",
+        Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+            "--force",
+        ]),
+    )?;
+    let v = version().context("cargo-fuzz was installed but `cargo fuzz --version` fails")?;
+    done.push(format!(
+        "installed {v} ({:.0}s)",
         started.elapsed().as_secs_f64()
     ));
     Ok(v)
