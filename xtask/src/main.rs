@@ -153,6 +153,8 @@ fn test(args: &[OsString]) -> Result<()> {
             "--workspace",
             "--exclude",
             "proxy-ebpf",
+            // One failing test file must not hide the others' results.
+            "--no-fail-fast",
         ])
         .args(args);
     // The end-to-end tests run the binary built above.

@@ -165,7 +165,17 @@ pub struct Mover {
     /// In an episode: the peer had drained to half the threshold.
     active: bool,
     moved: u64,
+    /// The source's `TCP_WINDOW_CLAMP` before an episode narrowed it (see [`CATCH_UP_WINDOW`]).
+    saved_clamp: Option<libc::c_int>,
 }
+
+/// The TCP window the source may advertise while userspace catches up with its held bytes.
+/// Each read of held bytes frees receive buffer, and a full-size window would let the sender
+/// refill it as fast as userspace drains it: userspace would carry the stream for as long as
+/// the sender keeps up. A small window lets userspace catch up within a few reads; the program
+/// then redirects again, and the window is restored. 32 KiB balances the two costs measured in
+/// docs/kernel-notes.md: proxy CPU while a reader lags, and how fast a stalled tunnel restarts.
+const CATCH_UP_WINDOW: libc::c_int = 32 * 1024;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -181,6 +191,7 @@ impl Mover {
             ordered: false,
             active: false,
             moved: 0,
+            saved_clamp: None,
         }
     }
 
@@ -226,6 +237,9 @@ impl Mover {
             if held == self.moved {
                 // Caught up (or woken for an episode already over).
                 self.active = false;
+                if let Some(clamp) = self.saved_clamp.take() {
+                    let _ = set_window_clamp(src, clamp);
+                }
                 return Ok(Step::Idle);
             }
             if !self.active {
@@ -238,6 +252,13 @@ impl Mover {
                     return Ok(Step::Wait);
                 }
                 self.active = true;
+                if self.saved_clamp.is_none() {
+                    if let Ok(clamp) = window_clamp(src) {
+                        if set_window_clamp(src, CATCH_UP_WINDOW).is_ok() {
+                            self.saved_clamp = Some(clamp);
+                        }
+                    }
+                }
             }
             if self.buf.is_empty() {
                 self.buf = vec![0; CHUNK];
@@ -261,6 +282,42 @@ impl Mover {
             self.buf = Vec::new();
         }
     }
+}
+
+fn window_clamp(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd is an open TCP socket; value and len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn set_window_clamp(fd: RawFd, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: fd is an open TCP socket; the option value is a local int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {

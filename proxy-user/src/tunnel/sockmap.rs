@@ -644,7 +644,7 @@ impl Registration<'_> {
                 },
                 e = next_error(client), if up_done => return (End::ClientReset, Some(format!("client: {e}"))),
                 e = next_error(upstream), if down_done => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
-                () = tokio::time::sleep(clock.tick()), if idle.is_some() => {
+                () = tokio::time::sleep_until(clock.next_check), if idle.is_some() => {
                     if clock.expired(self.bytes()) {
                         return (End::Idle, None);
                     }
@@ -798,7 +798,7 @@ impl Registration<'_> {
                         }
                     }
                 }
-                () = tokio::time::sleep(clock.tick()), if idle.is_some() => {
+                () = tokio::time::sleep_until(clock.next_check), if idle.is_some() => {
                     if clock.expired(self.bytes()) {
                         return (End::Idle, None);
                     }
@@ -815,15 +815,22 @@ struct IdleClock {
     idle: Option<Duration>,
     last: (u64, u64),
     since: tokio::time::Instant,
+    /// When to look at the counters next: a deadline, not a fresh sleep per loop turn, so other
+    /// branches waking the watch loop often (the hold tick) cannot postpone it for ever.
+    next_check: tokio::time::Instant,
 }
 
 impl IdleClock {
     fn new(idle: Option<Duration>, bytes: (u64, u64)) -> IdleClock {
-        IdleClock {
+        let now = tokio::time::Instant::now();
+        let mut clock = IdleClock {
             idle,
             last: bytes,
-            since: tokio::time::Instant::now(),
-        }
+            since: now,
+            next_check: now,
+        };
+        clock.next_check = now + clock.tick();
+        clock
     }
 
     /// How often to look at the counters.
@@ -833,8 +840,9 @@ impl IdleClock {
         })
     }
 
-    /// True once the counters have not moved for the idle timeout.
+    /// True once the counters have not moved for the idle timeout; schedules the next look.
     fn expired(&mut self, bytes: (u64, u64)) -> bool {
+        self.next_check = tokio::time::Instant::now() + self.tick();
         if bytes != self.last {
             self.last = bytes;
             self.since = tokio::time::Instant::now();
