@@ -112,6 +112,25 @@ pub fn verdict_program(ebpf: &mut Ebpf) -> Result<&mut SkSkb, EbpfError> {
         .map_err(|e: ProgramError| EbpfError::InvalidObject(format!("{PROGRAM_NAME}: {e}")))
 }
 
+/// Reads the program's `aya-log` records for as long as the returned task runs and hands them to
+/// the `log` facade, which tracing-subscriber bridges into the proxy's own log (target
+/// `splice_ebpf`-style module paths of the program). Must run inside a tokio runtime.
+pub fn forward_logs(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, EbpfError> {
+    let logger = aya_log::EbpfLogger::init(ebpf)
+        .map_err(|e| EbpfError::Other(format!("reading the program's log: {e}")))?;
+    // SAFETY: the logger's ring-buffer fd stays open, and the same fd, while the AsyncFd owns it.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| EbpfError::Other(format!("watching the program's log: {}", e.into_parts().1)))?;
+    Ok(tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
 /// The program's global counters, summed over all CPUs.
 pub fn read_stats(ebpf: &Ebpf) -> Result<Stats, EbpfError> {
     let map = ebpf.map(STATS_MAP).ok_or(EbpfError::Missing {
@@ -416,6 +435,78 @@ mod tests {
         let stats = read_stats(&ebpf).unwrap();
         assert_eq!(stats.redirected_bytes, (up.len() + down.len()) as u64);
         assert!(stats.redirected_segments >= 2);
+    }
+
+    /// The program's aya-log records reach userspace: a socket armed without a peer makes the
+    /// program log "no peer" at debug level.
+    #[test]
+    fn program_log_records_reach_userspace() {
+        use std::io::Write as _;
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::AsRawFd as _;
+        use std::sync::{Arc, Mutex};
+
+        struct Collect(Arc<Mutex<Vec<String>>>);
+        impl log::Log for Collect {
+            fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+                true
+            }
+            fn log(&self, record: &log::Record<'_>) {
+                self.0.lock().unwrap().push(format!("{}", record.args()));
+            }
+            fn flush(&self) {}
+        }
+
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let mut ebpf = load().unwrap_or_else(|e| panic!("{e}"));
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let mut logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, Collect(records.clone()))
+            .expect("the object has an aya-log ring buffer");
+        let mut armed =
+            aya::maps::SockHash::<_, u64>::try_from(ebpf.take_map(ARMED_MAP).unwrap()).unwrap();
+        let program: &mut SkSkb = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
+        program.attach(armed.fd()).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: valid fd and out-pointers of the right size.
+        let rc = unsafe {
+            libc::getsockopt(
+                accepted.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        // Armed, but no PEERS entry: the verdict passes the bytes and logs why.
+        armed.insert(cookie, accepted.as_raw_fd(), 0).unwrap();
+        client.write_all(b"nobody to send this to").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            logger.flush();
+            if records
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| r.contains("no peer"))
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no record from the program: {:?}",
+                records.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Without root (and without CAP_BPF) the reason must say so, not "map error".

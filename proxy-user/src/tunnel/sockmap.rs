@@ -51,12 +51,17 @@ pub struct Sockmap {
     moved: Mutex<HashMap<MapData, u64, u64>>,
     waiters: Arc<HoldWaiters>,
     dispatcher: tokio::task::JoinHandle<()>,
+    /// Forwards the program's aya-log records into the proxy's log.
+    logs: Option<tokio::task::JoinHandle<()>>,
     backlog: Backlog,
 }
 
 impl Drop for Sockmap {
     fn drop(&mut self) {
         self.dispatcher.abort();
+        if let Some(logs) = &self.logs {
+            logs.abort();
+        }
     }
 }
 
@@ -108,6 +113,13 @@ impl Sockmap {
         ebpf::verdict_program(&mut ebpf)?
             .attach(armed.fd())
             .map_err(|e| map_err("attaching the stream verdict program", e))?;
+        let logs = match ebpf::forward_logs(&mut ebpf) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                tracing::warn!("sockmap: {e}; the program's diagnostics are not logged");
+                None
+            }
+        };
         let waiters = Arc::new(HoldWaiters::default());
         let dispatcher = tokio::spawn({
             let waiters = waiters.clone();
@@ -126,6 +138,7 @@ impl Sockmap {
             moved: Mutex::new(moved),
             waiters,
             dispatcher,
+            logs,
             backlog,
         })
     }
