@@ -87,10 +87,15 @@ fn assert_no_secrets(proxy: &Proxy, secrets: &[&str]) -> Result<()> {
 fn wait_access_log(proxy: &Proxy, target_port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let port = target_port.to_string();
+    let user = format!("user=\"{USER}\"");
+    // Whole fields: a bare "407" would also match a port such as 44407.
+    let target = format!(":{port}\"");
     loop {
-        if proxy.log().iter().any(|l| {
-            l.contains(USER) && l.contains(&port) && l.contains("200") && !l.contains("407")
-        }) {
+        if proxy
+            .log()
+            .iter()
+            .any(|l| l.contains(&user) && l.contains(&target) && l.contains(" status=200 "))
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
