@@ -5,11 +5,12 @@
 //! sockmap data path attaches it to [`ARMED_MAP`] and fills the maps. Names and layouts come from
 //! `proxy-ebpf/src/shared.rs`, compiled into this module so both sides agree.
 
+use std::borrow::Borrow;
 use std::io;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapError, PerCpuArray},
+    maps::{MapData, MapError, PerCpuArray},
     programs::{ProgramError, SkSkb},
 };
 
@@ -131,7 +132,8 @@ pub fn forward_logs(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, Ebpf
     }))
 }
 
-/// The program's global counters, summed over all CPUs.
+/// The program's global counters, summed over all CPUs, read through the object (while it still
+/// holds [`STATS_MAP`]; once [`KernelStats::take`] took the map, read that instead).
 pub fn read_stats(ebpf: &Ebpf) -> Result<Stats, EbpfError> {
     let map = ebpf.map(STATS_MAP).ok_or(EbpfError::Missing {
         kind: "map",
@@ -139,6 +141,39 @@ pub fn read_stats(ebpf: &Ebpf) -> Result<Stats, EbpfError> {
     })?;
     let array = PerCpuArray::<_, Stats>::try_from(map)
         .map_err(|e| EbpfError::InvalidObject(format!("{STATS_MAP}: {e}")))?;
+    sum_stats(&array)
+}
+
+/// The program's global counters ([`STATS_MAP`]) taken out of the loaded object, so they can be
+/// read while the program runs, from any thread (every `/metrics` scrape does).
+pub struct KernelStats(PerCpuArray<MapData, Stats>);
+
+impl KernelStats {
+    /// Takes [`STATS_MAP`] out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<KernelStats, EbpfError> {
+        let map = ebpf.take_map(STATS_MAP).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: STATS_MAP,
+        })?;
+        PerCpuArray::try_from(map)
+            .map(KernelStats)
+            .map_err(|e| EbpfError::InvalidObject(format!("{STATS_MAP}: {e}")))
+    }
+
+    /// The counters now, summed over all CPUs.
+    pub fn read(&self) -> Result<Stats, EbpfError> {
+        sum_stats(&self.0)
+    }
+}
+
+impl std::fmt::Debug for KernelStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("KernelStats").field(&STATS_MAP).finish()
+    }
+}
+
+/// Reads the one slot of a [`STATS_MAP`] array and folds its per-CPU copies into one `Stats`.
+fn sum_stats<T: Borrow<MapData>>(array: &PerCpuArray<T, Stats>) -> Result<Stats, EbpfError> {
     let values = array
         .get(&STATS_INDEX, 0)
         .map_err(|e| EbpfError::Other(format!("reading {STATS_MAP}: {}", one_line(&e))))?;
@@ -435,6 +470,11 @@ mod tests {
         let stats = read_stats(&ebpf).unwrap();
         assert_eq!(stats.redirected_bytes, (up.len() + down.len()) as u64);
         assert!(stats.redirected_segments >= 2);
+
+        // Taken out of the object, the same counters read the same.
+        let kernel = KernelStats::take(&mut ebpf).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(kernel.read().unwrap(), stats);
+        assert!(read_stats(&ebpf).is_err(), "STATS left the object");
     }
 
     /// The program's aya-log records reach userspace: a socket armed without a peer makes the

@@ -152,7 +152,11 @@ async fn serve(
         timeout: cfg.connect_timeout,
     };
     let mode = selection.datapath.mode();
-    let metrics = Arc::new(Metrics::new(mode));
+    let mut metrics = Metrics::new(mode);
+    if let tunnel::DataPath::Sockmap(sockmap) = &selection.datapath {
+        metrics.register_program_stats(sockmap.kernel_stats());
+    }
+    let metrics = Arc::new(metrics);
     let proxy = Arc::new(Proxy::new(
         &cfg,
         auth.clone(),

@@ -4,6 +4,7 @@
 //! The binary is found through `SPLICE_PROXY_BIN`, or next to the test
 //! executable's target directory (`cargo xtask test` builds it first).
 
+pub mod metrics;
 pub mod peers;
 pub mod rawhttp;
 pub mod resources;
@@ -303,6 +304,16 @@ pub fn read_response_head(s: &mut TcpStream) -> Result<String> {
         }
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The number in field `name=` of an access-log line (`bytes_up`, `bytes_down`, `status`, ...).
+pub fn access_field(line: &str, name: &str) -> Option<u64> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The data paths to run every mode-independent test against.

@@ -2,7 +2,6 @@
 //! byte counts, refusals of each kind, then exact deltas on `/metrics`;
 //! `/healthz`, and `/readyz` turning 503 at SIGTERM while a tunnel drains.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -10,9 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use splice_proxy_tests::metrics::{
+    SOCKMAP_FAMILIES, get, samples, scrape, scrape_text, value, wait_healthy,
+};
 use splice_proxy_tests::rawhttp::{basic, closed_port, connect_head, exchange, run_cli};
 use splice_proxy_tests::torture::Upstream;
-use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
+use splice_proxy_tests::{Proxy, TEST_POLICY, access_field, free_port};
 
 const USER: &str = "mig";
 const PASS: &str = "s3cr:et";
@@ -26,13 +28,13 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
 }
 
-/// Sends DOWN bytes and reads everything the client sends; closes after
+/// Sends `down` bytes and reads everything the client sends; closes after
 /// both (a clean two-way close).
-fn reply_upstream() -> Upstream {
-    Upstream::start_with(|s: TcpStream| {
+fn reply_upstream(down: usize) -> Upstream {
+    Upstream::start_with(move |s: TcpStream| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
         let Ok(mut w) = s.try_clone() else { return };
-        let writer = std::thread::spawn(move || w.write_all(&pattern(DOWN, 0x5a)));
+        let writer = std::thread::spawn(move || w.write_all(&pattern(down, 0x5a)));
         let mut r = &s;
         let _ = std::io::copy(&mut r, &mut std::io::sink());
         let _ = writer.join();
@@ -55,53 +57,6 @@ fn sink_upstream(received: Arc<AtomicU64>) -> Upstream {
         let _ = s.shutdown(Shutdown::Write);
     })
     .unwrap()
-}
-
-/// `GET path` on the metrics listener: (status, body).
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: metrics\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    assert!(head.contains("\r\nConnection: close"), "{head}");
-    Ok((status, body.to_string()))
-}
-
-/// Every sample of a scrape, by series (`name{labels}`).
-fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let (status, body) = get(addr, "/metrics").unwrap();
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            (series.to_string(), value.parse().unwrap())
-        })
-        .collect()
-}
-
-fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
-    samples.get(series).copied().unwrap_or(0.0)
-}
-
-/// Waits until the metrics endpoint answers /healthz.
-fn wait_healthy(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok((200, body)) = get(addr, "/healthz") {
-            assert_eq!(body, "ok\n");
-            return;
-        }
-        assert!(Instant::now() < deadline, "no /healthz on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn status_of(proxy: &Proxy, target: &str, auth: Option<(&str, &str)>) -> u16 {
@@ -160,7 +115,15 @@ fn counts_exactly(mode: &str) {
     let mut proxy = Proxy::start(&args).unwrap();
     wait_healthy(maddr);
     assert_eq!(get(maddr, "/readyz").unwrap().0, 200);
-    let before = scrape(maddr);
+    let before_text = scrape_text(maddr);
+    let before = samples(&before_text);
+    // The eBPF program's families exist for the sockmap data path only.
+    if mode != "sockmap" {
+        assert!(
+            !before_text.contains("splice_proxy_sockmap_"),
+            "mode={mode}: sockmap program counters present:\n{before_text}"
+        );
+    }
     let series = |name: &str, labels: &str| format!("{name}{{{labels}}}");
     let tunnels = |outcome: &str| {
         series(
@@ -196,7 +159,7 @@ fn counts_exactly(mode: &str) {
     );
 
     // A tunnel that moves UP bytes up and DOWN bytes down, then closes cleanly.
-    let reply = reply_upstream();
+    let reply = reply_upstream(DOWN);
     let t = proxy
         .connect_tunnel(&reply.target(), Some((USER, PASS)))
         .unwrap();
@@ -262,6 +225,21 @@ fn counts_exactly(mode: &str) {
         expect(connect_errors(kind), 0.0);
     }
     expect("splice_proxy_handshake_seconds_count".into(), 2.0);
+    if mode == "sockmap" {
+        // Far below the default backlog bound: the program redirected every byte, held none.
+        expect(
+            "splice_proxy_sockmap_redirected_bytes_total".into(),
+            (UP + DOWN + RESET_UP) as f64,
+        );
+        expect("splice_proxy_sockmap_held_bytes_total".into(), 0.0);
+        expect("splice_proxy_sockmap_passed_bytes_total".into(), 0.0);
+    } else {
+        let present: Vec<&String> = after
+            .keys()
+            .filter(|k| k.starts_with("splice_proxy_sockmap_"))
+            .collect();
+        assert!(present.is_empty(), "mode={mode}: {present:?}");
+    }
     assert!(wrong.is_empty(), "mode={mode}:\n{}", wrong.join("\n"));
     assert_eq!(value(&after, &active), 0.0);
 
@@ -328,6 +306,85 @@ fn sockmap_mode_counts_exactly_where_it_loads() {
         return;
     }
     counts_exactly("sockmap");
+}
+
+/// Bytes up and down through the one tunnel of `sockmap_program_counters_on_metrics`: several
+/// MiB each way, yet below the default backlog bound's hold threshold (15.5 MiB), so the program
+/// redirects every byte and holds none.
+const PROGRAM_UP: usize = 6 * 1024 * 1024 + 13;
+const PROGRAM_DOWN: usize = 3 * 1024 * 1024 + 29;
+
+/// The eBPF program's global counters on `/metrics`: one tunnel moves known bytes each way, and
+/// `splice_proxy_sockmap_redirected_bytes_total` grows by exactly those bytes, which are also
+/// exactly what the access log reports for the tunnel; nothing held, nothing passed.
+#[test]
+fn sockmap_program_counters_on_metrics() {
+    let (_, _, probe) = run_cli(&["probe"], Duration::from_secs(30)).unwrap();
+    if !probe.lines().any(|l| l == "sockmap ok") {
+        eprintln!("skipped: sockmap does not load here: {probe}");
+        return;
+    }
+    let mut args: Vec<&str> = TEST_POLICY.to_vec();
+    args.extend_from_slice(&["--mode", "sockmap", "--allow-anonymous"]);
+    let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
+    wait_healthy(maddr);
+    let text = scrape_text(maddr);
+    for family in SOCKMAP_FAMILIES {
+        assert!(
+            text.contains(&format!("\n# TYPE {family} counter\n")),
+            "{family} is not a counter:\n{text}"
+        );
+    }
+    let before = samples(&text);
+    // The start-up self-check's tunnels went through the program already.
+    assert!(value(&before, SOCKMAP_FAMILIES[0]) > 0.0, "{text}");
+
+    let reply = reply_upstream(PROGRAM_DOWN);
+    let target = reply.target();
+    let t = proxy.connect_tunnel(&target, None).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = t.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&pattern(PROGRAM_UP, 0x3c)).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    (&t).read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == pattern(PROGRAM_DOWN, 0x5a), "bytes down differ");
+    drop(t);
+
+    let line = proxy
+        .wait_for_log(&format!("target=\"{target}\""), Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        line.contains("mode=sockmap") && line.contains(" end=closed"),
+        "{line}"
+    );
+    let logged =
+        access_field(&line, "bytes_up").unwrap() + access_field(&line, "bytes_down").unwrap();
+    assert_eq!(logged, (PROGRAM_UP + PROGRAM_DOWN) as u64, "{line}");
+
+    let after = scrape(maddr);
+    let delta = |family: &str| value(&after, family) - value(&before, family);
+    let redirected = delta("splice_proxy_sockmap_redirected_bytes_total");
+    assert_eq!(
+        redirected, logged as f64,
+        "the program's redirected bytes grew by {redirected}, the tunnel moved {logged}"
+    );
+    let segments = delta("splice_proxy_sockmap_redirected_segments_total");
+    assert!(
+        segments >= 2.0 && segments <= redirected,
+        "{segments} segments for {redirected} bytes"
+    );
+    for family in [
+        "splice_proxy_sockmap_held_bytes_total",
+        "splice_proxy_sockmap_hold_episodes_total",
+        "splice_proxy_sockmap_passed_bytes_total",
+        "splice_proxy_sockmap_passed_segments_total",
+    ] {
+        assert_eq!(delta(family), 0.0, "{family}");
+    }
 }
 
 #[test]

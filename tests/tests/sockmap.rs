@@ -7,21 +7,13 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::time::{Duration, Instant};
 
-use splice_proxy_tests::Proxy;
+use splice_proxy_tests::metrics::{scrape, value};
 use splice_proxy_tests::resources::{bpf_ids, cpu_secs};
+use splice_proxy_tests::{Proxy, TEST_POLICY, access_field};
 
 const TOTAL: u64 = 2 << 30;
 /// The sender's pace in `two_gib_bypass_userspace`: 2 GiB in about 5 s.
 const PACE_BYTES_PER_SEC: f64 = 400e6;
-
-fn access_field(line: &str, name: &str) -> Option<u64> {
-    let start = line.find(&format!("{name}="))? + name.len() + 1;
-    line[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
 
 #[test]
 fn two_gib_bypass_userspace() {
@@ -194,7 +186,8 @@ fn mem_available() -> u64 {
 
 /// An upstream that accepts and never reads, for 30 s (SPLICE_STALL_SECS): the client can get no
 /// more than the backlog bound ahead, it stays there (no creeping growth), socket and host memory
-/// stay bounded, and once the upstream reads, every byte arrives in order.
+/// stay bounded, and once the upstream reads, every byte arrives in order. `/metrics` shows the
+/// hold, and the program's redirected plus held bytes add up to exactly what the client sent.
 #[test]
 fn stalled_upstream_holds_the_bound() {
     const MIB: u64 = 1 << 20;
@@ -205,7 +198,20 @@ fn stalled_upstream_holds_the_bound() {
             .unwrap_or(30),
     );
     let bound = 8 * MIB;
-    let proxy = Proxy::start_mode("sockmap", &["--sockmap-backlog", "8MiB"]).unwrap();
+    let mut args: Vec<&str> = TEST_POLICY.to_vec();
+    args.extend_from_slice(&[
+        "--mode",
+        "sockmap",
+        "--allow-anonymous",
+        "--sockmap-backlog",
+        "8MiB",
+    ]);
+    let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
+    // The start-up self-check held bytes too: compare with this.
+    let before = scrape(maddr);
+    let delta = |now: &std::collections::HashMap<String, f64>, family: &str| {
+        value(now, family) - value(&before, family)
+    };
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     // Small buffers at both ends, so what the client gets ahead is what the proxy holds.
     socket2::SockRef::from(&upstream)
@@ -275,6 +281,15 @@ fn stalled_upstream_holds_the_bound() {
         "host MemAvailable fell by {host_growth} bytes during the stall"
     );
 
+    // The held bytes are visible on /metrics while the upstream still stalls.
+    let stalled = scrape(maddr);
+    let episodes = delta(&stalled, "splice_proxy_sockmap_hold_episodes_total");
+    let held = delta(&stalled, "splice_proxy_sockmap_held_bytes_total");
+    assert!(
+        episodes >= 1.0 && held > 0.0,
+        "a stalled upstream and no hold on /metrics: {episodes} episodes, {held} bytes held"
+    );
+
     // The upstream reads now: every byte, in order, then EOF once the client closes.
     tunnel.set_nonblocking(false).unwrap();
     tunnel.shutdown(Shutdown::Write).unwrap();
@@ -286,4 +301,15 @@ fn stalled_upstream_holds_the_bound() {
     assert_eq!(got.len() as u64, written, "bytes lost or duplicated");
     let expected: Vec<u8> = chunk.iter().copied().cycle().take(got.len()).collect();
     assert!(got == expected, "bytes reordered or corrupted");
+
+    // Every byte the client sent was either redirected by the program or held and moved by
+    // userspace (a trimmed retransmission counts in neither: its bytes were already counted).
+    let done = scrape(maddr);
+    let redirected = delta(&done, "splice_proxy_sockmap_redirected_bytes_total");
+    let held = delta(&done, "splice_proxy_sockmap_held_bytes_total");
+    assert_eq!(
+        redirected + held,
+        written as f64,
+        "{redirected} bytes redirected + {held} held for {written} sent"
+    );
 }

@@ -215,6 +215,18 @@ mod tests {
     #[tokio::test]
     async fn sockmap_self_check_passes_here() {
         let sm = super::Sockmap::start(Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let stats = sm.kernel_stats();
+        assert_eq!(stats.read().unwrap(), Default::default(), "a fresh program");
         super::run(&sm).await.unwrap();
+        // Both checks redirected bytes; the stalled server made the program hold.
+        let after = stats.read().unwrap();
+        assert!(after.redirected_bytes >= 2 * 256 * 1024, "{after:?}");
+        assert!(after.redirected_segments >= 1, "{after:?}");
+        assert!(after.holds >= 1 && after.held_bytes > 0, "{after:?}");
+        assert_eq!(
+            (after.passed_bytes, after.passed_segments),
+            (0, 0),
+            "{after:?}"
+        );
     }
 }

@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use super::holds::{Backlog, Counters, HoldWaiters, MoveError, Mover, Step};
 use super::{End, Progress, PumpError};
 use crate::ebpf::{
-    self, ARMED_MAP, BYTES_MAP, Counts, EbpfError, HOLDS_MAP, LIMITS_MAP, Limit, MOVED_MAP,
-    PEERS_MAP,
+    self, ARMED_MAP, BYTES_MAP, Counts, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP, Limit,
+    MOVED_MAP, PEERS_MAP,
 };
 
 /// The loaded program and its maps, shared by all tunnels.
@@ -49,6 +49,8 @@ pub struct Sockmap {
     bytes: Mutex<HashMap<MapData, u64, Counts>>,
     limits: Mutex<HashMap<MapData, u64, Limit>>,
     moved: Mutex<HashMap<MapData, u64, u64>>,
+    /// The program's global counters; shared with the `/metrics` collector.
+    stats: Arc<KernelStats>,
     waiters: Arc<HoldWaiters>,
     dispatcher: tokio::task::JoinHandle<()>,
     /// Forwards the program's aya-log records into the proxy's log.
@@ -110,6 +112,7 @@ impl Sockmap {
             HashMap::try_from(take(&mut ebpf, MOVED_MAP)?).map_err(|e| map_err(MOVED_MAP, e))?;
         let ring =
             RingBuf::try_from(take(&mut ebpf, HOLDS_MAP)?).map_err(|e| map_err(HOLDS_MAP, e))?;
+        let stats = Arc::new(KernelStats::take(&mut ebpf)?);
         ebpf::verdict_program(&mut ebpf)?
             .attach(armed.fd())
             .map_err(|e| map_err("attaching the stream verdict program", e))?;
@@ -136,6 +139,7 @@ impl Sockmap {
             bytes: Mutex::new(bytes),
             limits: Mutex::new(limits),
             moved: Mutex::new(moved),
+            stats,
             waiters,
             dispatcher,
             logs,
@@ -198,6 +202,11 @@ impl Sockmap {
     /// Bytes the program has redirected from the socket with this cookie.
     fn redirected(&self, cookie: u64) -> u64 {
         self.counts(cookie).0
+    }
+
+    /// The program's global counters (every tunnel, the start-up self-check included).
+    pub fn kernel_stats(&self) -> Arc<KernelStats> {
+        self.stats.clone()
     }
 
     /// The per-direction bound this data path enforces.
