@@ -152,46 +152,42 @@ pub enum MoveError {
 }
 
 /// Moves the held bytes of one direction (`src` → `dst`) in userspace, without blocking.
+///
+/// Held bytes are **peeked**, written to the peer, recorded in `MOVED`, and only then consumed
+/// from the source. While they sit unconsumed they keep the source's receive buffer full, so TCP
+/// keeps the sender's window closed for the whole catch-up; the window reopens when the last
+/// held bytes are consumed, and by then the program is redirecting again (held == moved). The
+/// sender is paused without touching the window itself: an earlier version narrowed it with
+/// `TCP_WINDOW_CLAMP`, which cut the source's `rcv_ssthresh` below one loopback segment and left
+/// the sender waiting for its persist timer (200 ms or more) after every episode (see "The
+/// catch-up" in docs/kernel-notes.md).
 pub struct Mover {
     src_cookie: u64,
     /// `queued_total(dst)` when it was armed: bytes written to it before the program ran.
     dst_base: u64,
     threshold: u64,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// Every byte redirected before the chunk in `buf` is in `dst`'s send queue.
-    ordered: bool,
+    /// Largest read: the source's receive buffer, which bounds what it can hold.
+    chunk: usize,
     /// In an episode: the peer had drained to half the threshold.
     active: bool,
     moved: u64,
-    /// The source's `TCP_WINDOW_CLAMP` before an episode narrowed it (see [`CATCH_UP_WINDOW`]).
-    saved_clamp: Option<libc::c_int>,
 }
 
-/// The TCP window the source may advertise while userspace catches up with its held bytes.
-/// Each read of held bytes frees receive buffer, and a full-size window would let the sender
-/// refill it as fast as userspace drains it: userspace would carry the stream for as long as
-/// the sender keeps up. A small window lets userspace catch up within a few reads; the program
-/// then redirects again, and the window is restored. 32 KiB balances the two costs measured in
-/// docs/kernel-notes.md: proxy CPU while a reader lags, and how fast a stalled tunnel restarts.
-const CATCH_UP_WINDOW: libc::c_int = 32 * 1024;
-
-const CHUNK: usize = 256 * 1024;
+thread_local! {
+    /// Scratch space for peeked held bytes. Nothing stays in it between steps (unsent bytes
+    /// stay in the kernel, unconsumed), so one buffer per runtime thread serves every tunnel.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl Mover {
-    pub fn new(src_cookie: u64, dst_base: u64, threshold: u64) -> Mover {
+    pub fn new(src_cookie: u64, dst_base: u64, threshold: u64, chunk: usize) -> Mover {
         Mover {
             src_cookie,
             dst_base,
             threshold,
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
-            ordered: false,
+            chunk,
             active: false,
             moved: 0,
-            saved_clamp: None,
         }
     }
 
@@ -208,38 +204,26 @@ impl Mover {
         src: RawFd,
         dst: RawFd,
     ) -> Result<Step, MoveError> {
-        loop {
-            if self.start < self.end {
-                if !self.ordered {
-                    // Bytes the program redirected before holding may still be in the kernel's
-                    // worker queue for dst; ours must not overtake them.
-                    let (redirected, _) = counters.counts(self.src_cookie);
-                    let queued = super::sockmap::queued_total(dst).map_err(MoveError::Dst)?;
-                    if queued.wrapping_sub(self.dst_base) < redirected + self.moved {
-                        return Ok(Step::Wait);
-                    }
-                    self.ordered = true;
-                }
-                match send(dst, &self.buf[self.start..self.end]) {
-                    Ok(n) => {
-                        self.start += n;
-                        self.moved += n as u64;
-                        counters
-                            .set_moved(self.src_cookie, self.moved)
-                            .map_err(MoveError::Dst)?;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Wait),
-                    Err(e) => return Err(MoveError::Dst(e)),
-                }
+        SCRATCH.with_borrow_mut(|buf| {
+            if buf.len() < self.chunk {
+                buf.resize(self.chunk, 0);
             }
+            self.step_with(counters, src, dst, &mut buf[..self.chunk])
+        })
+    }
+
+    fn step_with(
+        &mut self,
+        counters: &impl Counters,
+        src: RawFd,
+        dst: RawFd,
+        buf: &mut [u8],
+    ) -> Result<Step, MoveError> {
+        loop {
             let (redirected, held) = counters.counts(self.src_cookie);
             if held == self.moved {
                 // Caught up (or woken for an episode already over).
                 self.active = false;
-                if let Some(clamp) = self.saved_clamp.take() {
-                    let _ = set_window_clamp(src, clamp);
-                }
                 return Ok(Step::Idle);
             }
             if !self.active {
@@ -252,70 +236,49 @@ impl Mover {
                     return Ok(Step::Wait);
                 }
                 self.active = true;
-                if self.saved_clamp.is_none() {
-                    if let Ok(clamp) = window_clamp(src) {
-                        if set_window_clamp(src, CATCH_UP_WINDOW).is_ok() {
-                            self.saved_clamp = Some(clamp);
-                        }
-                    }
-                }
             }
-            if self.buf.is_empty() {
-                self.buf = vec![0; CHUNK];
+            // Bytes the program redirected before holding may still be in the kernel's worker
+            // queue for dst; ours must not overtake them.
+            let queued = super::sockmap::queued_total(dst).map_err(MoveError::Dst)?;
+            if queued.wrapping_sub(self.dst_base) < redirected + self.moved {
+                return Ok(Step::Wait);
             }
-            match recv(src, &mut self.buf) {
-                Ok(n) if n > 0 => {
-                    (self.start, self.end, self.ordered) = (0, n, false);
-                }
+            let peeked = match recv(src, buf, libc::MSG_PEEK) {
+                Ok(n) if n > 0 => n,
                 // 0 (FIN) or nothing yet: held bytes still in the kernel's queue for src arrive
                 // later; the held count above says when all have been moved.
                 Ok(_) => return Ok(Step::Wait),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Wait),
                 Err(e) => return Err(MoveError::Src(e)),
+            };
+            let sent = match send(dst, &buf[..peeked]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Wait),
+                Err(e) => return Err(MoveError::Dst(e)),
+            };
+            self.moved += sent as u64;
+            counters
+                .set_moved(self.src_cookie, self.moved)
+                .map_err(MoveError::Dst)?;
+            // Only now may the window reopen: what arrives next is redirected, behind these.
+            consume(src, &mut buf[..sent]).map_err(MoveError::Src)?;
+        }
+    }
+}
+
+/// Takes exactly `buf.len()` bytes, already peeked, off the source's queue.
+fn consume(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match recv(fd, &mut buf[done..], 0)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peeked bytes vanished from the receive queue",
+                ));
             }
+            n => done += n,
         }
-    }
-
-    /// Frees the buffer between episodes (idle tunnels should cost little memory).
-    pub fn shrink(&mut self) {
-        if self.start >= self.end {
-            self.buf = Vec::new();
-        }
-    }
-}
-
-fn window_clamp(fd: RawFd) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: fd is an open TCP socket; value and len are valid out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-fn set_window_clamp(fd: RawFd, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: fd is an open TCP socket; the option value is a local int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -336,9 +299,16 @@ fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: fd is an open socket; buf is valid for writes of buf.len() bytes.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

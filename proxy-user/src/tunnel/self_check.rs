@@ -48,18 +48,7 @@ async fn check_bound(sm: &Sockmap) -> Result<(), String> {
     socket2::SockRef::from(&client)
         .set_send_buffer_size(64 * 1024)
         .map_err(io("client SO_SNDBUF"))?;
-    let mut reg = sm
-        .register(&proxy_client, &proxy_upstream)
-        .await
-        .map_err(io("register"))?;
-    if reg
-        .arm(&proxy_client, &proxy_upstream)
-        .await
-        .map_err(io("arm"))?
-        != super::sockmap::Armed::Kernel
-    {
-        return Err("an established pair was not armed".into());
-    }
+    let reg = armed(sm, &proxy_client, &proxy_upstream, Duration::ZERO).await?;
     let bound = sm.backlog().bytes();
     let slack = 2 * 1024 * 1024;
     let cancel = CancellationToken::new();
@@ -120,6 +109,25 @@ async fn check_bound(sm: &Sockmap) -> Result<(), String> {
     Ok(())
 }
 
+/// Registers a pair and arms it after `pause`; both sockets must end up forwarded by the kernel.
+async fn armed<'a>(
+    sm: &'a Sockmap,
+    proxy_client: &TcpStream,
+    proxy_upstream: &TcpStream,
+    pause: Duration,
+) -> Result<super::sockmap::Registration<'a>, String> {
+    let mut reg = sm
+        .register(proxy_client, proxy_upstream)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    tokio::time::sleep(pause).await;
+    match reg.arm(proxy_client, proxy_upstream).await {
+        Ok(super::sockmap::Armed::Kernel) => Ok(reg),
+        Ok(super::sockmap::Armed::Userspace) => Err("an established pair was not armed".into()),
+        Err(e) => Err(format!("arm: {e}")),
+    }
+}
+
 async fn check(sm: &Sockmap) -> Result<(), String> {
     let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
     let entries_before = sm.peer_entries();
@@ -129,19 +137,8 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
     // A server that speaks first: its banner waits in the receive queue.
     let banner = pattern(3000, 1);
     server.write_all(&banner).await.map_err(io("banner"))?;
-    let mut reg = sm
-        .register(&proxy_client, &proxy_upstream)
-        .await
-        .map_err(io("register"))?;
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    if reg
-        .arm(&proxy_client, &proxy_upstream)
-        .await
-        .map_err(io("arm"))?
-        != super::sockmap::Armed::Kernel
-    {
-        return Err("an established pair was not armed".into());
-    }
+    // The pause lets the banner settle in the upstream socket's queue before arming.
+    let reg = armed(sm, &proxy_client, &proxy_upstream, Duration::from_millis(5)).await?;
 
     let cancel = CancellationToken::new();
     let watcher = reg.run(&proxy_client, &proxy_upstream, None, &cancel);

@@ -327,10 +327,11 @@ impl Registration<'_> {
 
     /// The movers of held bytes for both directions of this tunnel.
     fn movers(&self, client: RawFd, upstream: RawFd) -> Movers {
-        let threshold = self.sockmap.backlog.threshold();
+        let backlog = self.sockmap.backlog;
+        let (threshold, chunk) = (backlog.threshold(), backlog.rcvbuf() as usize);
         Movers {
-            up: Mover::new(self.client, self.base_upstream, threshold),
-            down: Mover::new(self.upstream, self.base_client, threshold),
+            up: Mover::new(self.client, self.base_upstream, threshold, chunk),
+            down: Mover::new(self.upstream, self.base_client, threshold, chunk),
             up_moving: false,
             down_moving: false,
             client,
@@ -363,10 +364,7 @@ impl Registration<'_> {
             ),
         };
         match result {
-            Ok(Step::Idle) => {
-                mover.shrink();
-                Ok(false)
-            }
+            Ok(Step::Idle) => Ok(false),
             Ok(Step::Wait) => Ok(true),
             Err(MoveError::Src(e)) => Err((src_end.0, Some(format!("{}: {e}", src_end.1)))),
             Err(MoveError::Dst(e)) => Err((dst_end.0, Some(format!("{}: {e}", dst_end.1)))),
