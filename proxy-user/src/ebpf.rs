@@ -326,6 +326,24 @@ fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
+    /// The kernel's cookie for a socket (`SO_COOKIE`), the key of every map.
+    fn cookie(s: &impl std::os::fd::AsRawFd) -> u64 {
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: valid fd and out-pointers of the right size.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
+        cookie
+    }
+
     fn skip_reason() -> Option<&'static str> {
         if OBJECT.is_empty() {
             return Some("built with AYA_BUILD_SKIP");
@@ -406,22 +424,6 @@ mod tests {
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             }
             (connected, accepted)
-        }
-        fn cookie(s: &TcpStream) -> u64 {
-            let mut cookie = 0u64;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: valid fd and out-pointers of the right size.
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_COOKIE,
-                    (&raw mut cookie).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(rc, 0, "SO_COOKIE: {}", io::Error::last_os_error());
-            cookie
         }
 
         let mut ebpf = load().unwrap_or_else(|e| panic!("{e}"));
@@ -513,19 +515,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: valid fd and out-pointers of the right size.
-        let rc = unsafe {
-            libc::getsockopt(
-                accepted.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut cookie).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
+        let cookie = cookie(&accepted);
         // Armed, but no PEERS entry: the verdict passes the bytes and logs why.
         armed.insert(cookie, accepted.as_raw_fd(), 0).unwrap();
         client.write_all(b"nobody to send this to").unwrap();

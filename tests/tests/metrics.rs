@@ -30,6 +30,21 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 
 /// Sends `down` bytes and reads everything the client sends; closes after
 /// both (a clean two-way close).
+/// Sends `up` through the tunnel, shuts its write side, and returns everything that comes back
+/// until the far end closes; then the tunnel is closed.
+fn round_trip(t: TcpStream, up: Vec<u8>) -> Vec<u8> {
+    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = t.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&up).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    (&t).read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    got
+}
+
 fn reply_upstream(down: usize) -> Upstream {
     Upstream::start_with(move |s: TcpStream| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
@@ -163,18 +178,9 @@ fn counts_exactly(mode: &str) {
     let t = proxy
         .connect_tunnel(&reply.target(), Some((USER, PASS)))
         .unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut w = t.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&pattern(UP, 0xa5)).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::new();
-    (&t).read_to_end(&mut got).unwrap();
-    writer.join().unwrap();
+    let got = round_trip(t, pattern(UP, 0xa5));
     assert_eq!(got.len(), DOWN);
     assert!(got == pattern(DOWN, 0x5a), "bytes down differ");
-    drop(t);
 
     // A tunnel the client resets after RESET_UP bytes reached upstream.
     let received = Arc::new(AtomicU64::new(0));
@@ -342,17 +348,8 @@ fn sockmap_program_counters_on_metrics() {
     let reply = reply_upstream(PROGRAM_DOWN);
     let target = reply.target();
     let t = proxy.connect_tunnel(&target, None).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut w = t.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&pattern(PROGRAM_UP, 0x3c)).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::new();
-    (&t).read_to_end(&mut got).unwrap();
-    writer.join().unwrap();
+    let got = round_trip(t, pattern(PROGRAM_UP, 0x3c));
     assert!(got == pattern(PROGRAM_DOWN, 0x5a), "bytes down differ");
-    drop(t);
 
     let line = proxy
         .wait_for_log(&format!("target=\"{target}\""), Duration::from_secs(10))
