@@ -28,8 +28,6 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
 }
 
-/// Sends `down` bytes and reads everything the client sends; closes after
-/// both (a clean two-way close).
 /// Sends `up` through the tunnel, shuts its write side, and returns everything that comes back
 /// until the far end closes; then the tunnel is closed.
 fn round_trip(t: TcpStream, up: Vec<u8>) -> Vec<u8> {
@@ -45,6 +43,8 @@ fn round_trip(t: TcpStream, up: Vec<u8>) -> Vec<u8> {
     got
 }
 
+/// Sends `down` bytes and reads everything the client sends; closes after
+/// both (a clean two-way close).
 fn reply_upstream(down: usize) -> Upstream {
     Upstream::start_with(move |s: TcpStream| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
