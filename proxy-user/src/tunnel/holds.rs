@@ -165,9 +165,9 @@ pub struct Mover {
     src_cookie: u64,
     /// `queued_total(dst)` when it was armed: bytes written to it before the program ran.
     dst_base: u64,
-    threshold: u64,
-    /// Largest read: the source's receive buffer, which bounds what it can hold.
-    chunk: usize,
+    /// The direction's bound: its threshold, and its receive buffer (the most the source can
+    /// hold, so the largest read).
+    backlog: Backlog,
     /// In an episode: the peer had drained to half the threshold.
     active: bool,
     moved: u64,
@@ -180,12 +180,11 @@ thread_local! {
 }
 
 impl Mover {
-    pub fn new(src_cookie: u64, dst_base: u64, threshold: u64, chunk: usize) -> Mover {
+    pub fn new(src_cookie: u64, dst_base: u64, backlog: Backlog) -> Mover {
         Mover {
             src_cookie,
             dst_base,
-            threshold,
-            chunk,
+            backlog,
             active: false,
             moved: 0,
         }
@@ -205,10 +204,11 @@ impl Mover {
         dst: RawFd,
     ) -> Result<Step, MoveError> {
         SCRATCH.with_borrow_mut(|buf| {
-            if buf.len() < self.chunk {
-                buf.resize(self.chunk, 0);
+            let chunk = self.backlog.rcvbuf() as usize;
+            if buf.len() < chunk {
+                buf.resize(chunk, 0);
             }
-            self.step_with(counters, src, dst, &mut buf[..self.chunk])
+            self.step_with(counters, src, dst, &mut buf[..chunk])
         })
     }
 
@@ -232,7 +232,7 @@ impl Mover {
                 let acked = super::sockmap::bytes_acked(dst).map_err(MoveError::Dst)?;
                 let unacked =
                     (redirected + self.moved).saturating_sub(acked.saturating_sub(self.dst_base));
-                if unacked > self.threshold / 2 {
+                if unacked > self.backlog.threshold() / 2 {
                     return Ok(Step::Wait);
                 }
                 self.active = true;

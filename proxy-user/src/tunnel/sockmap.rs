@@ -328,10 +328,9 @@ impl Registration<'_> {
     /// The movers of held bytes for both directions of this tunnel.
     fn movers(&self, client: RawFd, upstream: RawFd) -> Movers {
         let backlog = self.sockmap.backlog;
-        let (threshold, chunk) = (backlog.threshold(), backlog.rcvbuf() as usize);
         Movers {
-            up: Mover::new(self.client, self.base_upstream, threshold, chunk),
-            down: Mover::new(self.upstream, self.base_client, threshold, chunk),
+            up: Mover::new(self.client, self.base_upstream, backlog),
+            down: Mover::new(self.upstream, self.base_client, backlog),
             up_moving: false,
             down_moving: false,
             client,
