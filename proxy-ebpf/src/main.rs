@@ -99,9 +99,10 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         let counts = unsafe { &mut *counts };
         if let Some(starts) = must_hold(cookie, counts, len) {
             counts.held += len;
-            if starts {
-                let _ = HOLDS.output::<u64>(&cookie, 0);
-            }
+            // Wake userspace for every held skb, after counting it. Only at the start of an
+            // episode is not enough: userspace may have just read `held` and decided it had
+            // caught up while this skb was between its MOVED check and the count above.
+            let _ = HOLDS.output::<u64>(&cookie, 0);
             with_stats(|s| {
                 s.held_bytes += len;
                 s.holds += u64::from(starts);
@@ -280,6 +281,11 @@ fn must_hold(cookie: u64, counts: &Counts, len: u64) -> Option<bool> {
     let moved = unsafe { MOVED.get(&cookie) }.copied().unwrap_or(0);
     if counts.held != moved {
         // Held bytes are still waiting for userspace: this one goes behind them.
+        return Some(false);
+    }
+    if limit.relay != 0 {
+        // Userspace relays this direction: hold everything. Not a new episode: that one began
+        // when the bound was crossed (and userspace counts its relays).
         return Some(false);
     }
     if limit.threshold == 0 {

@@ -46,9 +46,9 @@ pub const LIMITS_MAP: &str = "LIMITS";
 /// skb too, so nothing overtakes them.
 pub const MOVED_MAP: &str = "MOVED";
 
-/// `RingBuf` of `u64` socket cookies: the program writes the cookie of a socket when it starts
-/// holding (the first held skb after `Counts::held` caught up with `MOVED`). Userspace wakes up
-/// for these only, never for redirected data.
+/// `RingBuf` of `u64` socket cookies: the program writes the cookie of a socket for every skb
+/// it holds, after counting it in `Counts::held`, so a mover that has just seen itself caught
+/// up is always woken again. Userspace wakes up for these only, never for redirected data.
 pub const HOLDS_MAP: &str = "HOLDS";
 
 /// Size of [`HOLDS_MAP`] in bytes (a power of two, a multiple of the page size).
@@ -89,6 +89,11 @@ pub struct Limit {
     /// The peer's `tcp_sock.bytes_acked` at which every byte written to it before arming is
     /// acknowledged: its acked count plus its send queue when it was armed.
     pub base: u64,
+    /// Non-zero: userspace relays this direction, so the program holds every skb, whatever the
+    /// backlog. Set by userspace when a hold episode starts (`--sockmap-overrun relay`) and
+    /// cleared once the direction stopped pressing against the bound; see "Relaying an
+    /// overrunning direction" in docs/kernel-notes.md.
+    pub relay: u64,
 }
 
 /// Name of the program's global holding the offset of `bytes_acked` in the running kernel's

@@ -62,6 +62,7 @@ impl Record {
         let (bytes_up, bytes_down) = self.bytes();
         if let Some(o) = &self.outcome {
             metrics.tunnel_ended(self.mode, o.end, bytes_up, bytes_down);
+            metrics.relays_started(o.relays);
         }
         let end = match (&self.outcome, self.status) {
             (Some(o), _) => o.end.to_string(),

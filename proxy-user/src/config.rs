@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::policy::{DstPattern, PortSet};
-use crate::tunnel::holds::Backlog;
+use crate::tunnel::holds::{Backlog, Overrun};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,6 +94,14 @@ pub struct RunArgs {
     /// when its reader stops (then TCP holds the sender back). 512KiB..1GiB.
     #[arg(long = "sockmap-backlog", value_name = "SIZE", default_value = "16MiB", value_parser = parse_backlog)]
     pub sockmap_backlog: Backlog,
+
+    /// sockmap: what a direction does once its reader has fallen
+    /// --sockmap-backlog behind. relay: userspace forwards it until it stops
+    /// pressing against the bound (costs proxy CPU, keeps throughput);
+    /// pause: the kernel forwards again after each catch-up (no proxy CPU,
+    /// but a peer on the same host waits ~200 ms each time).
+    #[arg(long = "sockmap-overrun", value_enum, default_value = "relay")]
+    pub sockmap_overrun: Overrun,
 
     /// Most tunnels open at once; more get 503.
     #[arg(long = "max-tunnels", value_name = "N", default_value = "10000", value_parser = parse_positive)]
@@ -222,7 +230,7 @@ impl RunArgs {
             allow_dst: self.allow_dst,
             allow_port,
             mode: self.mode,
-            sockmap_backlog: self.sockmap_backlog,
+            sockmap_backlog: self.sockmap_backlog.with_overrun(self.sockmap_overrun),
             max_tunnels: self.max_tunnels,
             max_handshakes: self.max_handshakes,
             max_conns_per_ip: self.max_conns_per_ip,
@@ -389,6 +397,11 @@ mod tests {
         assert_eq!(c.max_handshakes, 4096);
         assert_eq!(c.max_conns_per_ip, 4096);
         assert_eq!(c.auth_fail_delay, Duration::from_secs(5));
+        assert_eq!(c.sockmap_backlog, Backlog::default());
+        assert_eq!(c.sockmap_backlog.overrun(), Overrun::Relay);
+        let pause = run_args(&["--sockmap-overrun", "pause", "--sockmap-backlog", "1MiB"]).unwrap();
+        assert_eq!(pause.sockmap_backlog.overrun(), Overrun::Pause);
+        assert_eq!(pause.sockmap_backlog.bytes(), 1 << 20);
         assert_eq!(
             run_args(&["--max-conns-per-ip", "0"])
                 .unwrap()
@@ -425,6 +438,7 @@ mod tests {
         for (args, flag) in [
             (&["--allow-port", "0"][..], "--allow-port"),
             (&["--mode", "bogus"][..], "--mode"),
+            (&["--sockmap-overrun", "drop"][..], "--sockmap-overrun"),
             (&["--listen", "nowhere"][..], "--listen"),
             (&["--header-timeout", "0"][..], "--header-timeout"),
             (&["--max-tunnels", "0"][..], "--max-tunnels"),

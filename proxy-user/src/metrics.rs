@@ -105,6 +105,8 @@ pub struct Metrics {
     credential_reloads: Family<ReloadLabels, Counter>,
     credentials_loaded: Family<SourceLabels, Gauge<f64, AtomicU64>>,
     handshake: Histogram,
+    /// Registered with the program's counters (sockmap only).
+    sockmap_relays: Counter,
 }
 
 impl Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             credential_reloads: Family::default(),
             credentials_loaded: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
+            sockmap_relays: Counter::default(),
         };
         let mode_s = mode.to_string();
         // Series for the chosen data path exist (at 0) before the first tunnel.
@@ -334,6 +337,18 @@ impl Metrics {
             stats,
             failing: AtomicBool::new(false),
         }));
+        self.registry.register(
+            "splice_proxy_sockmap_relays",
+            "Times one direction of a sockmap tunnel overran --sockmap-backlog and the proxy \
+             process took over forwarding it (--sockmap-overrun relay), counted when the tunnel \
+             ends; its bytes are in splice_proxy_sockmap_held_bytes",
+            self.sockmap_relays.clone(),
+        );
+    }
+
+    /// Directions of an ended sockmap tunnel that were relayed by userspace, `n` times in all.
+    pub fn relays_started(&self, n: u64) {
+        self.sockmap_relays.inc_by(n);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -408,7 +423,7 @@ pub const PROGRAM_COUNTERS: [ProgramCounter; 8] = [
         name: "splice_proxy_sockmap_held_bytes",
         help: "Bytes held for userspace by backpressure: a reader fell --sockmap-backlog behind, so \
                the program left them on the sending side and the proxy process forwarded them once \
-               the reader drained; a growing share of the redirected bytes means slow readers \
+               the reader drained, or while it relayed the direction; a growing share of the redirected bytes means slow readers \
                and more proxy CPU",
         value: |s| s.held_bytes,
     },
@@ -800,6 +815,12 @@ mod tests {
         trims: 31,
     };
 
+    /// Whether `text` shows any family read from the program.
+    fn program_families(text: &str) -> bool {
+        text.lines()
+            .any(|l| PROGRAM_COUNTERS.iter().any(|f| l.starts_with(f.name)))
+    }
+
     #[test]
     fn program_counters_render_each_field() {
         let fake = Arc::new(FakeStats(std::sync::Mutex::new(Some(DISTINCT))));
@@ -809,6 +830,9 @@ mod tests {
             "not registered yet"
         );
         m.register_program_stats(fake.clone());
+        m.relays_started(2);
+        m.relays_started(0);
+        m.relays_started(35);
         let t = m.render();
         let want = [
             (
@@ -822,6 +846,8 @@ mod tests {
             ("splice_proxy_sockmap_hold_episodes_total", 23.0),
             ("splice_proxy_sockmap_trimmed_bytes_total", 29.0),
             ("splice_proxy_sockmap_trims_total", 31.0),
+            // Kept by userspace, registered with the program's counters.
+            ("splice_proxy_sockmap_relays_total", 37.0),
         ];
         for (name, value) in want {
             assert_eq!(sample(&t, name), Some(value), "{name}\n{t}");
@@ -889,7 +915,8 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             for _ in 0..3 {
                 let t = m.render();
-                assert!(!t.contains("splice_proxy_sockmap_"), "{t}");
+                assert!(!program_families(&t), "{t}");
+                assert_eq!(sample(&t, "splice_proxy_sockmap_relays_total"), Some(0.0));
                 assert_eq!(
                     sample(&t, r#"splice_proxy_info{mode="sockmap"}"#),
                     Some(1.0)
@@ -907,8 +934,8 @@ mod tests {
             assert_eq!(lines("INFO"), 1, "recovery logged");
 
             *fake.0.lock().unwrap() = None;
-            assert!(!m.render().contains("splice_proxy_sockmap_"));
-            assert!(!m.render().contains("splice_proxy_sockmap_"));
+            assert!(!program_families(&m.render()));
+            assert!(!program_families(&m.render()));
             assert_eq!(lines("WARN"), 2, "a new run of failures warns again");
         });
     }

@@ -158,6 +158,52 @@ fn sigkill_leaves_no_program_or_map_behind() {
     assert!(!bpf_ids(again.pid()).is_empty());
 }
 
+type Scrape = std::collections::HashMap<String, f64>;
+
+/// A sockmap proxy with a metrics endpoint and a backlog bound, and an upstream listener.
+struct Bounded {
+    proxy: Proxy,
+    maddr: std::net::SocketAddr,
+    /// `/metrics` right after start-up: the start-up self-check moved bytes too.
+    before: Scrape,
+    /// Its accepted sockets have a 64 KiB receive buffer, so an upstream that stops reading
+    /// soon leaves the proxy's side unacknowledged.
+    upstream: TcpListener,
+    target: String,
+}
+
+impl Bounded {
+    fn start(backlog: &str) -> Bounded {
+        let mut args: Vec<&str> = TEST_POLICY.to_vec();
+        args.extend_from_slice(&[
+            "--mode",
+            "sockmap",
+            "--allow-anonymous",
+            "--sockmap-backlog",
+            backlog,
+        ]);
+        let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
+        let before = scrape(maddr);
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&upstream)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        let target = upstream.local_addr().unwrap().to_string();
+        Bounded {
+            proxy,
+            maddr,
+            before,
+            upstream,
+            target,
+        }
+    }
+
+    /// How far `family` moved since start-up.
+    fn delta(&self, now: &Scrape, family: &str) -> f64 {
+        value(now, family) - value(&self.before, family)
+    }
+}
+
 /// Kernel memory held by TCP sockets, host-wide: `/proc/net/sockstat` "TCP: ... mem N" (pages).
 fn tcp_mem_bytes() -> u64 {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
@@ -198,28 +244,12 @@ fn stalled_upstream_holds_the_bound() {
             .unwrap_or(30),
     );
     let bound = 8 * MIB;
-    let mut args: Vec<&str> = TEST_POLICY.to_vec();
-    args.extend_from_slice(&[
-        "--mode",
-        "sockmap",
-        "--allow-anonymous",
-        "--sockmap-backlog",
-        "8MiB",
-    ]);
-    let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
-    // The start-up self-check held bytes too: compare with this.
-    let before = scrape(maddr);
-    let delta = |now: &std::collections::HashMap<String, f64>, family: &str| {
-        value(now, family) - value(&before, family)
-    };
-    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = Bounded::start("8MiB");
+    let (proxy, maddr) = (&b.proxy, b.maddr);
+    let delta = |now: &Scrape, family: &str| b.delta(now, family);
+    let tunnel = proxy.connect_tunnel(&b.target, None).unwrap();
+    let (mut server, _) = b.upstream.accept().unwrap();
     // Small buffers at both ends, so what the client gets ahead is what the proxy holds.
-    socket2::SockRef::from(&upstream)
-        .set_recv_buffer_size(64 * 1024)
-        .unwrap();
-    let target = upstream.local_addr().unwrap().to_string();
-    let tunnel = proxy.connect_tunnel(&target, None).unwrap();
-    let (mut server, _) = upstream.accept().unwrap();
     socket2::SockRef::from(&tunnel)
         .set_send_buffer_size(64 * 1024)
         .unwrap();
@@ -312,4 +342,94 @@ fn stalled_upstream_holds_the_bound() {
         written as f64,
         "{redirected} bytes redirected + {held} held for {written} sent"
     );
+}
+
+/// `--sockmap-overrun relay` (the default): a reader that falls the bound behind makes the proxy
+/// relay that direction itself, and once the direction has been quiet for a second the kernel
+/// forwards it again. Phase 1: the upstream reads nothing for 1 s while the client writes 8 MiB
+/// (a 1 MiB bound): the direction is relayed. Phase 2, after 1.5 s of quiet: 16 MiB at a pace the
+/// upstream keeps up with are redirected by the program again. Every byte arrives in order, and
+/// `/metrics` counts the relay and the redirected bytes.
+#[test]
+fn overrun_is_relayed_then_handed_back_to_the_kernel() {
+    const MIB: usize = 1 << 20;
+    const PHASE1: usize = 8 * MIB;
+    const PHASE2: usize = 16 * MIB;
+    let b = Bounded::start("1MiB");
+    let (proxy, maddr) = (&b.proxy, b.maddr);
+    let delta = |now: &Scrape, family: &str| b.delta(now, family);
+    let mut tunnel = proxy.connect_tunnel(&b.target, None).unwrap();
+    let (mut server, _) = b.upstream.accept().unwrap();
+    let data: Vec<u8> = (0..(PHASE1 + PHASE2) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        got
+    });
+    tunnel.write_all(&data[..PHASE1]).unwrap();
+    // Wait until the relay has caught up (nothing held left), then stay quiet past RELAY_QUIET.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = scrape(maddr);
+        let moved = delta(&now, "splice_proxy_sockmap_held_bytes_total")
+            + delta(&now, "splice_proxy_sockmap_redirected_bytes_total");
+        if moved >= PHASE1 as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "phase 1 did not get through: {moved} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let relayed = scrape(maddr);
+    let held_phase1 = delta(&relayed, "splice_proxy_sockmap_held_bytes_total");
+    assert!(
+        held_phase1 >= MIB as f64,
+        "a stalled reader and only {held_phase1} bytes went through userspace"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Phase 2 at about 100 MB/s in 256 KiB writes, well within what the reader takes (a
+    // write larger than the bound could overrun the reader's 64 KiB window on its own).
+    let started = Instant::now();
+    for (i, chunk) in data[PHASE1..].chunks(MIB / 4).enumerate() {
+        tunnel.write_all(chunk).unwrap();
+        let due = Duration::from_micros(2500 * (i as u64 + 1));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    tunnel.shutdown(Shutdown::Write).unwrap();
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), data.len(), "bytes lost or duplicated");
+    assert!(got == data, "bytes reordered or corrupted");
+    drop(tunnel);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let done = loop {
+        let now = scrape(maddr);
+        if delta(&now, "splice_proxy_sockmap_relays_total") >= 1.0 {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ended tunnel's relay is not counted on /metrics"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let redirected_phase2 = delta(&done, "splice_proxy_sockmap_redirected_bytes_total")
+        - delta(&relayed, "splice_proxy_sockmap_redirected_bytes_total");
+    assert!(
+        redirected_phase2 >= (PHASE2 / 2) as f64,
+        "after a quiet second the kernel forwarded only {redirected_phase2} of {PHASE2} bytes: \
+         the direction was not handed back"
+    );
+    let total = delta(&done, "splice_proxy_sockmap_redirected_bytes_total")
+        + delta(&done, "splice_proxy_sockmap_held_bytes_total");
+    assert_eq!(total, data.len() as f64, "redirected + held != sent");
 }

@@ -55,14 +55,32 @@ fn small_check(proxy: &Proxy, up: &Upstream, id: u64, seed: u64) -> Result<()> {
 /// and a post-case health check; fails at the end listing every mode that
 /// failed.
 fn torture(case: &str, body: impl Fn(&Ctx) -> Result<String>) {
+    torture_in(case, modes(), body);
+}
+
+/// [`torture`] for cases where a reader falls the sockmap backlog behind: sockmap also runs with
+/// `--sockmap-overrun pause` (mode `sockmap+pause`), besides the default (relay).
+fn torture_overrun(case: &str, body: impl Fn(&Ctx) -> Result<String>) {
+    let mut list = modes();
+    if list.iter().any(|m| m == "sockmap") {
+        list.push("sockmap+pause".into());
+    }
+    torture_in(case, list, body);
+}
+
+fn torture_in(case: &str, modes: Vec<String>, body: impl Fn(&Ctx) -> Result<String>) {
     let _g = serial();
     raise_fd_limit();
     let seed = run_seed();
     let mut failures = Vec::new();
-    for mode in modes() {
+    for mode in modes {
         let started = Instant::now();
         let tag = format!("mode={mode} case={case} seed={seed}");
-        let mut proxy = match Proxy::start_mode(&mode, &[]) {
+        let proxy = match mode.split_once('+') {
+            Some((m, overrun)) => Proxy::start_mode(m, &["--sockmap-overrun", overrun]),
+            None => Proxy::start_mode(&mode, &[]),
+        };
+        let mut proxy = match proxy {
             Ok(p) => p,
             Err(e) => {
                 failures.push(format!("{tag}: proxy did not start: {e:#}"));
@@ -172,7 +190,7 @@ fn both_directions_random_chunks() {
 /// mirror image. All data arrives, in order.
 #[test]
 fn slow_reader() {
-    torture("slow_reader", |c| {
+    torture_overrun("slow_reader", |c| {
         let mut figs = Vec::new();
         for (i, slow) in [Side::Client, Side::Upstream].into_iter().enumerate() {
             let mut spec = TunnelSpec::symmetric(10 + i as u64, c.seed, MIB, MIB);
@@ -466,7 +484,7 @@ fn many_tunnels() {
 /// and is verified.
 #[test]
 fn backpressure_bounded() {
-    torture("backpressure_bounded", |c| {
+    torture_overrun("backpressure_bounded", |c| {
         let mut spec = TunnelSpec::symmetric(50, c.seed, 256 * MIB, 256 * MIB);
         spec.stall_ms = 20_000;
         spec.c2u.reader_stall_ms = 2000;

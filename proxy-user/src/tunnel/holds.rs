@@ -14,20 +14,43 @@
 //!    the held bytes and writes them to the peer, counting them in the `MOVED` map. Until userspace
 //!    has moved every held byte the program keeps holding, so nothing overtakes them; once it has
 //!    caught up, the program redirects again.
+//! 4. With [`Overrun::Relay`] (the default) the mover instead tells the program to hold
+//!    everything from that direction and relays it, reading as soon as the peer has room, until
+//!    the direction has not pressed against the bound for [`RELAY_QUIET`]. Each return to kernel
+//!    forwarding after a catch-up costs a sender on the same host about 200 ms (docs/kernel-notes.md,
+//!    "Why no window update from userspace avoids the stall"); relaying has no such cost.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-/// How much one direction of a sockmap tunnel may hold in the kernel (`--sockmap-backlog`).
+use crate::ebpf::Limit;
+
+/// What a direction does once it has overrun its bound (`--sockmap-overrun`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Overrun {
+    /// Userspace relays the direction until it stops pressing against the bound.
+    Relay,
+    /// The kernel forwards again as soon as userspace has moved the held bytes.
+    Pause,
+}
+
+/// How long a relayed direction must go without pressing against its bound before the kernel
+/// forwards it again.
+pub const RELAY_QUIET: Duration = Duration::from_secs(1);
+
+/// How much one direction of a sockmap tunnel may hold in the kernel (`--sockmap-backlog`), and
+/// what it does when it gets there (`--sockmap-overrun`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
     bound: u64,
+    overrun: Overrun,
 }
 
 const KIB: u64 = 1024;
@@ -41,11 +64,22 @@ impl Backlog {
 
     /// A bound of `bytes` per direction; `None` below [`Backlog::MIN_BYTES`].
     pub fn new(bytes: u64) -> Option<Backlog> {
-        (bytes >= Self::MIN_BYTES).then_some(Backlog { bound: bytes })
+        (bytes >= Self::MIN_BYTES).then_some(Backlog {
+            bound: bytes,
+            overrun: Overrun::Relay,
+        })
+    }
+
+    pub fn with_overrun(self, overrun: Overrun) -> Backlog {
+        Backlog { overrun, ..self }
     }
 
     pub fn bytes(self) -> u64 {
         self.bound
+    }
+
+    pub fn overrun(self) -> Overrun {
+        self.overrun
     }
 
     /// Receive buffer of each tunnel socket (the kernel's `sk_rcvbuf`): what a socket can hold
@@ -75,6 +109,7 @@ impl Default for Backlog {
     fn default() -> Backlog {
         Backlog {
             bound: Self::DEFAULT_BYTES,
+            overrun: Overrun::Relay,
         }
     }
 }
@@ -133,6 +168,8 @@ pub trait Counters {
     fn counts(&self, src_cookie: u64) -> (u64, u64);
     /// Records that userspace has moved `moved` bytes from `src` in total.
     fn set_moved(&self, src_cookie: u64, moved: u64) -> io::Result<()>;
+    /// Replaces the program's bound for `src`.
+    fn set_limit(&self, src_cookie: u64, limit: Limit) -> io::Result<()>;
 }
 
 /// What the mover is waiting for after a step.
@@ -161,6 +198,9 @@ pub enum MoveError {
 /// `TCP_WINDOW_CLAMP`, which cut the source's `rcv_ssthresh` below one loopback segment and left
 /// the sender waiting for its persist timer (200 ms or more) after every episode (see "The
 /// catch-up" in docs/kernel-notes.md).
+///
+/// With [`Overrun::Relay`] an episode instead switches the direction to relaying (see
+/// [`Mover::relay`]).
 pub struct Mover {
     src_cookie: u64,
     /// `queued_total(dst)` when it was armed: bytes written to it before the program ran.
@@ -171,6 +211,13 @@ pub struct Mover {
     /// In an episode: the peer had drained to half the threshold.
     active: bool,
     moved: u64,
+    /// Relaying: the program holds everything from `src` (`Limit::relay`) and this mover
+    /// forwards it. `Some(t)`: it last found the peer's backlog at the bound at `t`.
+    relaying: Option<Instant>,
+    /// Relayed bytes read from `src` that the peer had no room for yet, from `unsent.1` on.
+    unsent: (Vec<u8>, usize),
+    /// Times this direction started relaying.
+    relays: u64,
 }
 
 thread_local! {
@@ -187,12 +234,33 @@ impl Mover {
             backlog,
             active: false,
             moved: 0,
+            relaying: None,
+            unsent: (Vec::new(), 0),
+            relays: 0,
         }
     }
 
     /// Bytes moved so far.
     pub fn moved(&self) -> u64 {
         self.moved
+    }
+
+    /// Times this direction started relaying.
+    pub fn relays(&self) -> u64 {
+        self.relays
+    }
+
+    /// Whether userspace relays this direction now.
+    pub fn relaying(&self) -> bool {
+        self.relaying.is_some()
+    }
+
+    fn limit(&self, relay: bool) -> Limit {
+        Limit {
+            threshold: self.backlog.threshold(),
+            base: self.dst_base,
+            relay: u64::from(relay),
+        }
     }
 
     /// Moves what it can now. A `recv` of 0 (FIN) or EAGAIN does not end an episode: held skbs
@@ -203,13 +271,130 @@ impl Mover {
         src: RawFd,
         dst: RawFd,
     ) -> Result<Step, MoveError> {
+        self.step_at(counters, src, dst, Instant::now())
+    }
+
+    fn step_at(
+        &mut self,
+        counters: &impl Counters,
+        src: RawFd,
+        dst: RawFd,
+        now: Instant,
+    ) -> Result<Step, MoveError> {
         SCRATCH.with_borrow_mut(|buf| {
             let chunk = self.backlog.rcvbuf() as usize;
             if buf.len() < chunk {
                 buf.resize(chunk, 0);
             }
-            self.step_with(counters, src, dst, &mut buf[..chunk])
+            let buf = &mut buf[..chunk];
+            if self.relaying.is_none() && self.backlog.overrun() == Overrun::Relay {
+                let (_, held) = counters.counts(self.src_cookie);
+                if held == self.moved {
+                    return Ok(Step::Idle);
+                }
+                // An episode starts: from now on the program holds everything and we relay.
+                counters
+                    .set_limit(self.src_cookie, self.limit(true))
+                    .map_err(MoveError::Dst)?;
+                self.relaying = Some(now);
+                self.relays += 1;
+            }
+            match self.relaying {
+                Some(_) => self.relay(counters, src, dst, buf, now),
+                None => self.step_with(counters, src, dst, buf),
+            }
         })
+    }
+
+    /// One step of relaying: write what the peer had no room for, then read what it has room
+    /// for now and write that. The peer's unacknowledged bytes stay within the threshold, as
+    /// with kernel forwarding; the source's window reopens as soon as bytes are read, since no
+    /// catch-up has to end. Once caught up and `RELAY_QUIET` past the last time the peer was at
+    /// the bound, the direction goes back to kernel forwarding.
+    fn relay(
+        &mut self,
+        counters: &impl Counters,
+        src: RawFd,
+        dst: RawFd,
+        buf: &mut [u8],
+        now: Instant,
+    ) -> Result<Step, MoveError> {
+        loop {
+            if !self.flush_unsent(counters, dst)? {
+                self.relaying = Some(now);
+                return Ok(Step::Wait);
+            }
+            let (redirected, held) = counters.counts(self.src_cookie);
+            if held == self.moved {
+                let pressed = self.relaying.expect("relaying");
+                if now.saturating_duration_since(pressed) >= RELAY_QUIET {
+                    counters
+                        .set_limit(self.src_cookie, self.limit(false))
+                        .map_err(MoveError::Dst)?;
+                    self.relaying = None;
+                }
+                return Ok(Step::Idle);
+            }
+            // Bytes the program redirected before relaying may still be in the kernel's
+            // worker queue for dst; ours must not overtake them.
+            let queued = super::sockmap::queued_total(dst).map_err(MoveError::Dst)?;
+            if queued.wrapping_sub(self.dst_base) < redirected + self.moved {
+                return Ok(Step::Wait);
+            }
+            let acked = super::sockmap::bytes_acked(dst).map_err(MoveError::Dst)?;
+            let unacked =
+                (redirected + self.moved).saturating_sub(acked.saturating_sub(self.dst_base));
+            let room = self.backlog.threshold().saturating_sub(unacked);
+            if room == 0 {
+                self.relaying = Some(now);
+                return Ok(Step::Wait);
+            }
+            let want = (room.min(held - self.moved) as usize).min(buf.len());
+            let Some(got) = recv_held(src, &mut buf[..want], 0)? else {
+                return Ok(Step::Wait);
+            };
+            let sent = match send(dst, &buf[..got]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(MoveError::Dst(e)),
+            };
+            self.count_moved(counters, sent)?;
+            if sent < got {
+                self.unsent.0.extend_from_slice(&buf[sent..got]);
+            }
+        }
+    }
+
+    /// Writes relayed bytes left over from an earlier step; whether none are left.
+    fn flush_unsent(&mut self, counters: &impl Counters, dst: RawFd) -> Result<bool, MoveError> {
+        let (bytes, from) = &mut self.unsent;
+        if *from == bytes.len() {
+            return Ok(true);
+        }
+        let sent = match send(dst, &bytes[*from..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(MoveError::Dst(e)),
+        };
+        *from += sent;
+        let done = *from == bytes.len();
+        if done {
+            // Keep the allocation for the next time the peer is short of room.
+            bytes.clear();
+            *from = 0;
+        }
+        self.count_moved(counters, sent)?;
+        Ok(done)
+    }
+
+    fn count_moved(&mut self, counters: &impl Counters, n: usize) -> Result<(), MoveError> {
+        if n > 0 {
+            self.moved += n as u64;
+            counters
+                .set_moved(self.src_cookie, self.moved)
+                .map_err(MoveError::Dst)?;
+        }
+        Ok(())
     }
 
     fn step_with(
@@ -243,13 +428,8 @@ impl Mover {
             if queued.wrapping_sub(self.dst_base) < redirected + self.moved {
                 return Ok(Step::Wait);
             }
-            let peeked = match recv(src, buf, libc::MSG_PEEK) {
-                Ok(n) if n > 0 => n,
-                // 0 (FIN) or nothing yet: held bytes still in the kernel's queue for src arrive
-                // later; the held count above says when all have been moved.
-                Ok(_) => return Ok(Step::Wait),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Wait),
-                Err(e) => return Err(MoveError::Src(e)),
+            let Some(peeked) = recv_held(src, buf, libc::MSG_PEEK)? else {
+                return Ok(Step::Wait);
             };
             let sent = match send(dst, &buf[..peeked]) {
                 Ok(n) => n,
@@ -263,6 +443,18 @@ impl Mover {
             // Only now may the window reopen: what arrives next is redirected, behind these.
             consume(src, &mut buf[..sent]).map_err(MoveError::Src)?;
         }
+    }
+}
+
+/// Reads held bytes from the source; `None` when there are none yet. A `recv` of 0 (FIN) or
+/// EAGAIN does not mean they are all moved: held skbs can still be in the kernel's queue for
+/// the source, and the held count says when all have arrived.
+fn recv_held(src: RawFd, buf: &mut [u8], flags: libc::c_int) -> Result<Option<usize>, MoveError> {
+    match recv(src, buf, flags) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(MoveError::Src(e)),
     }
 }
 
@@ -318,6 +510,146 @@ fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// The program's side, played by the test: how much it "held", and what userspace told it.
+    #[derive(Default)]
+    struct FakeProgram {
+        held: Cell<u64>,
+        moved: Cell<u64>,
+        relay: Cell<Option<bool>>,
+    }
+
+    impl Counters for FakeProgram {
+        fn counts(&self, _: u64) -> (u64, u64) {
+            (0, self.held.get())
+        }
+        fn set_moved(&self, _: u64, moved: u64) -> io::Result<()> {
+            self.moved.set(moved);
+            Ok(())
+        }
+        fn set_limit(&self, _: u64, limit: Limit) -> io::Result<()> {
+            self.relay.set(Some(limit.relay != 0));
+            Ok(())
+        }
+    }
+
+    /// A connected loopback pair: (the end the test uses, the end the mover uses).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    /// Steps until the mover is idle with everything held moved, for at most 5 s.
+    fn step_until_idle(m: &mut Mover, p: &FakeProgram, src: &TcpStream, dst: &TcpStream) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let step = m.step(p, src.as_raw_fd(), dst.as_raw_fd()).unwrap();
+            if step == Step::Idle && m.moved() == p.held.get() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mover stuck at {} bytes",
+                m.moved()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn relay_forwards_in_order_and_hands_back_after_quiet() {
+        let (mut client, src) = pair();
+        let (dst, mut sink) = pair();
+        let program = FakeProgram::default();
+        let base = super::super::sockmap::queued_total(dst.as_raw_fd()).unwrap();
+        let mut mover = Mover::new(1, base, Backlog::default());
+        let data = pattern(300 << 10);
+        client.write_all(&data).unwrap();
+        program.held.set(data.len() as u64);
+
+        step_until_idle(&mut mover, &program, &src, &dst);
+        assert_eq!(
+            program.relay.get(),
+            Some(true),
+            "an episode starts relaying"
+        );
+        assert_eq!(
+            (mover.relays(), program.moved.get()),
+            (1, data.len() as u64)
+        );
+        let mut got = vec![0; data.len()];
+        sink.read_exact(&mut got).unwrap();
+        assert!(got == data, "relayed bytes out of order");
+
+        // Caught up, but the peer was at the bound a moment ago: still relaying.
+        let now = Instant::now();
+        let fds = (src.as_raw_fd(), dst.as_raw_fd());
+        assert_eq!(
+            mover.step_at(&program, fds.0, fds.1, now).unwrap(),
+            Step::Idle
+        );
+        assert!(mover.relaying());
+        // Quiet for RELAY_QUIET: back to the kernel.
+        let later = now + RELAY_QUIET;
+        assert_eq!(
+            mover.step_at(&program, fds.0, fds.1, later).unwrap(),
+            Step::Idle
+        );
+        assert!(!mover.relaying());
+        assert_eq!(program.relay.get(), Some(false));
+    }
+
+    #[test]
+    fn relay_keeps_the_peer_within_the_threshold() {
+        let (client, src) = pair();
+        let (dst, mut sink) = pair();
+        let program = FakeProgram::default();
+        let base = super::super::sockmap::queued_total(dst.as_raw_fd()).unwrap();
+        let backlog = Backlog::new(Backlog::MIN_BYTES).unwrap();
+        let mut mover = Mover::new(1, base, backlog);
+        let data = pattern(8 << 20);
+        program.held.set(data.len() as u64);
+        let writer = std::thread::spawn({
+            let data = data.clone();
+            move || (&client).write_all(&data).unwrap()
+        });
+        // The sink does not read: the mover must stop with at most a threshold unacknowledged.
+        let fds = (src.as_raw_fd(), dst.as_raw_fd());
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            assert_eq!(mover.step(&program, fds.0, fds.1).unwrap(), Step::Wait);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let acked = super::super::sockmap::bytes_acked(fds.1).unwrap() - base;
+        let unacked = mover.moved() - acked;
+        assert!(mover.moved() > 0 && mover.moved() < data.len() as u64);
+        assert!(
+            unacked <= backlog.threshold(),
+            "{unacked} bytes unacknowledged past a {}-byte threshold",
+            backlog.threshold()
+        );
+        // The sink reads: everything arrives, in order.
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; 8 << 20];
+            sink.read_exact(&mut got).unwrap();
+            got
+        });
+        step_until_idle(&mut mover, &program, &src, &dst);
+        writer.join().unwrap();
+        assert!(reader.join().unwrap() == data, "relayed bytes out of order");
+    }
 
     #[test]
     fn backlog_splits_the_bound() {

@@ -185,6 +185,8 @@ pub struct Outcome {
     pub end: End,
     /// The socket error behind a reset, for the log.
     pub error: Option<String>,
+    /// Times a direction overran its sockmap backlog and userspace started relaying it.
+    pub relays: u64,
 }
 
 /// Byte counts and the time of the last byte, shared by both directions.
@@ -298,6 +300,7 @@ pub async fn forward(
                 ),
             };
             let (up, down) = reg.bytes();
+            let relays = reg.relays();
             progress.up.fetch_add(up, Ordering::Relaxed);
             progress.down.fetch_add(down, Ordering::Relaxed);
             if let Some(Some((c, u))) = &detached {
@@ -311,6 +314,7 @@ pub async fn forward(
                 bytes_down: progress.down.load(Ordering::Relaxed),
                 end: result.0,
                 error: result.1,
+                relays,
             };
         }
     };
@@ -320,6 +324,7 @@ pub async fn forward(
         bytes_down: progress.down.load(Ordering::Relaxed),
         end,
         error,
+        relays: 0,
     }
 }
 

@@ -21,7 +21,7 @@ use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,6 +83,14 @@ impl Counters for Sockmap {
             .lock()
             .expect("moved map lock")
             .insert(src_cookie, moved, 0)
+            .map_err(io::Error::other)
+    }
+
+    fn set_limit(&self, src_cookie: u64, limit: Limit) -> io::Result<()> {
+        self.limits
+            .lock()
+            .expect("limits map lock")
+            .insert(src_cookie, limit, 0)
             .map_err(io::Error::other)
     }
 }
@@ -176,6 +184,7 @@ impl Sockmap {
             client_armed: false,
             upstream_armed: false,
             userspace: Progress::new(),
+            relays: AtomicU64::new(0),
             bounded: false,
             up_holds: None,
             down_holds: None,
@@ -264,6 +273,8 @@ pub struct Registration<'a> {
     upstream_armed: bool,
     /// Bytes userspace forwarded: for a socket that could not be armed, and held bytes moved.
     userspace: Progress,
+    /// Times a direction started relaying (`--sockmap-overrun relay`).
+    relays: AtomicU64,
     /// LIMITS and MOVED hold entries for both sockets.
     bounded: bool,
     /// Wake-ups for the client's (up) and the upstream's (down) holds.
@@ -316,6 +327,7 @@ impl Registration<'_> {
                 let limit = Limit {
                     threshold: backlog.threshold(),
                     base: dst_base,
+                    relay: 0,
                 };
                 limits.insert(src, limit, 0).map_err(io::Error::other)?;
             }
@@ -346,12 +358,14 @@ impl Registration<'_> {
         dst: RawFd,
         dir: Dir,
     ) -> Result<bool, (End, Option<String>)> {
-        let before = mover.moved();
+        let (before, relays) = (mover.moved(), mover.relays());
         let result = mover.step(self.sockmap, src, dst);
         let moved = (mover.moved() - before) as usize;
         if moved > 0 {
             self.userspace.add(dir.into(), moved);
         }
+        self.relays
+            .fetch_add(mover.relays() - relays, Ordering::Relaxed);
         let (src_end, dst_end) = match dir {
             Dir::Up => (
                 (End::ClientReset, "client"),
@@ -388,6 +402,11 @@ impl Registration<'_> {
             .insert(cookie, sock.as_raw_fd(), 0)
             .map_err(io::Error::other)?;
         set_rcvlowat(sock.as_raw_fd(), 1)
+    }
+
+    /// Times a direction of this tunnel started relaying.
+    pub fn relays(&self) -> u64 {
+        self.relays.load(Ordering::Relaxed)
     }
 
     /// Bytes redirected client → upstream and upstream → client.
@@ -450,9 +469,11 @@ impl Movers {
         Ok(())
     }
 
-    /// Whether a direction that is still open has held bytes left to move.
+    /// Whether a direction that is still open has held bytes left to move, or is relayed (then
+    /// the tick also hands it back to the kernel once it has been quiet, see `RELAY_QUIET`).
     fn busy(&self, up_done: bool, down_done: bool) -> bool {
-        (self.up_moving && !up_done) || (self.down_moving && !down_done)
+        ((self.up_moving || self.up.relaying()) && !up_done)
+            || ((self.down_moving || self.down.relaying()) && !down_done)
     }
 
     /// Steps every open direction that has held bytes left.
@@ -462,10 +483,10 @@ impl Movers {
         up_done: bool,
         down_done: bool,
     ) -> Result<(), (End, Option<String>)> {
-        if self.up_moving && !up_done {
+        if (self.up_moving || self.up.relaying()) && !up_done {
             self.step(reg, Dir::Up)?;
         }
-        if self.down_moving && !down_done {
+        if (self.down_moving || self.down.relaying()) && !down_done {
             self.step(reg, Dir::Down)?;
         }
         Ok(())
