@@ -349,7 +349,7 @@ impl Mover {
                 self.relaying = Some(now);
                 return Ok(Step::Wait);
             }
-            let want = (room.min(held - self.moved) as usize).min(buf.len());
+            let want = (room.min(held.saturating_sub(self.moved)) as usize).min(buf.len());
             let Some(got) = recv_held(src, &mut buf[..want], 0)? else {
                 return Ok(Step::Wait);
             };
