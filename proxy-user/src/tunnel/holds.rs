@@ -335,16 +335,11 @@ impl Mover {
                 }
                 return Ok(Step::Idle);
             }
-            // Bytes the program redirected before relaying may still be in the kernel's
-            // worker queue for dst; ours must not overtake them.
-            let queued = super::sockmap::queued_total(dst).map_err(MoveError::Dst)?;
-            if queued.wrapping_sub(self.dst_base) < redirected + self.moved {
+            let peer = self.peer(dst, redirected)?;
+            if peer.behind_worker {
                 return Ok(Step::Wait);
             }
-            let acked = super::sockmap::bytes_acked(dst).map_err(MoveError::Dst)?;
-            let unacked =
-                (redirected + self.moved).saturating_sub(acked.saturating_sub(self.dst_base));
-            let room = self.backlog.threshold().saturating_sub(unacked);
+            let room = self.backlog.threshold().saturating_sub(peer.unacked);
             if room == 0 {
                 self.relaying = Some(now);
                 return Ok(Step::Wait);
@@ -353,11 +348,7 @@ impl Mover {
             let Some(got) = recv_held(src, &mut buf[..want], 0)? else {
                 return Ok(Step::Wait);
             };
-            let sent = match send(dst, &buf[..got]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(MoveError::Dst(e)),
-            };
+            let sent = send_some(dst, &buf[..got])?;
             self.count_moved(counters, sent)?;
             if sent < got {
                 self.unsent.0.extend_from_slice(&buf[sent..got]);
@@ -371,11 +362,7 @@ impl Mover {
         if *from == bytes.len() {
             return Ok(true);
         }
-        let sent = match send(dst, &bytes[*from..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(MoveError::Dst(e)),
-        };
+        let sent = send_some(dst, &bytes[*from..])?;
         *from += sent;
         let done = *from == bytes.len();
         if done {
@@ -385,6 +372,17 @@ impl Mover {
         }
         self.count_moved(counters, sent)?;
         Ok(done)
+    }
+
+    /// Where `dst` stands, from one `TCP_INFO` read, given what the program has `redirected`
+    /// to it.
+    fn peer(&self, dst: RawFd, redirected: u64) -> Result<Peer, MoveError> {
+        let (acked, queued) = super::sockmap::acked_and_queued(dst).map_err(MoveError::Dst)?;
+        let sent = redirected + self.moved;
+        Ok(Peer {
+            behind_worker: queued.wrapping_sub(self.dst_base) < sent,
+            unacked: sent.saturating_sub(acked.saturating_sub(self.dst_base)),
+        })
     }
 
     fn count_moved(&mut self, counters: &impl Counters, n: usize) -> Result<(), MoveError> {
@@ -411,31 +409,25 @@ impl Mover {
                 self.active = false;
                 return Ok(Step::Idle);
             }
+            let peer = self.peer(dst, redirected)?;
             if !self.active {
                 // Let the peer drain to half the threshold first, so the kernel forwards the
                 // next stretch rather than userspace chasing a slow reader byte by byte.
-                let acked = super::sockmap::bytes_acked(dst).map_err(MoveError::Dst)?;
-                let unacked =
-                    (redirected + self.moved).saturating_sub(acked.saturating_sub(self.dst_base));
-                if unacked > self.backlog.threshold() / 2 {
+                if peer.unacked > self.backlog.threshold() / 2 {
                     return Ok(Step::Wait);
                 }
                 self.active = true;
             }
-            // Bytes the program redirected before holding may still be in the kernel's worker
-            // queue for dst; ours must not overtake them.
-            let queued = super::sockmap::queued_total(dst).map_err(MoveError::Dst)?;
-            if queued.wrapping_sub(self.dst_base) < redirected + self.moved {
+            if peer.behind_worker {
                 return Ok(Step::Wait);
             }
             let Some(peeked) = recv_held(src, buf, libc::MSG_PEEK)? else {
                 return Ok(Step::Wait);
             };
-            let sent = match send(dst, &buf[..peeked]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Wait),
-                Err(e) => return Err(MoveError::Dst(e)),
-            };
+            let sent = send_some(dst, &buf[..peeked])?;
+            if sent == 0 {
+                return Ok(Step::Wait);
+            }
             self.moved += sent as u64;
             counters
                 .set_moved(self.src_cookie, self.moved)
@@ -443,6 +435,24 @@ impl Mover {
             // Only now may the window reopen: what arrives next is redirected, behind these.
             consume(src, &mut buf[..sent]).map_err(MoveError::Src)?;
         }
+    }
+}
+
+/// The peer of a direction, as the mover sees it.
+struct Peer {
+    /// Bytes the program redirected may still be in the kernel's worker queue for the peer:
+    /// bytes from userspace must not overtake them.
+    behind_worker: bool,
+    /// Bytes sent towards the peer (redirected and moved) that its remote has not acknowledged.
+    unacked: u64,
+}
+
+/// Writes to the peer what its send buffer takes now: 0 when it is full.
+fn send_some(dst: RawFd, buf: &[u8]) -> Result<usize, MoveError> {
+    match send(dst, buf) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(MoveError::Dst(e)),
     }
 }
 
@@ -639,7 +649,7 @@ mod tests {
             assert_eq!(mover.step(&program, fds.0, fds.1).unwrap(), Step::Wait);
             std::thread::sleep(Duration::from_millis(2));
         }
-        let acked = super::super::sockmap::bytes_acked(fds.1).unwrap() - base;
+        let acked = super::super::sockmap::acked_and_queued(fds.1).unwrap().0 - base;
         let unacked = mover.moved() - acked;
         assert!(mover.moved() > 0 && mover.moved() < data.len() as u64);
         assert!(

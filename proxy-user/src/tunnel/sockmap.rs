@@ -1032,11 +1032,6 @@ fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
     Ok(info)
 }
 
-/// Bytes the socket's remote has acknowledged (`tcpi_bytes_acked`).
-pub(super) fn bytes_acked(fd: RawFd) -> io::Result<u64> {
-    Ok(tcp_info(fd)?.tcpi_bytes_acked)
-}
-
 /// Sizes a tunnel socket's buffers for the backlog bound (see [`Backlog`]). The kernel doubles
 /// what is asked for (room for its own overhead), hence the halves. The send buffer needs
 /// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which the sockmap path has) to exceed `wmem_max`.
@@ -1067,13 +1062,19 @@ fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Res
 
 /// Every byte ever put into the socket's send queue: acked + still queued.
 pub(super) fn queued_total(fd: RawFd) -> io::Result<u64> {
-    let info = tcp_info(fd)?;
+    Ok(acked_and_queued(fd)?.1)
+}
+
+/// From one `TCP_INFO` read: the bytes the socket's remote has acknowledged, and every byte ever
+/// put into its send queue ([`queued_total`]).
+pub(super) fn acked_and_queued(fd: RawFd) -> io::Result<(u64, u64)> {
+    let acked = tcp_info(fd)?.tcpi_bytes_acked;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer.
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
+    Ok((acked, acked + outq.max(0) as u64))
 }
 
 fn set_rcvlowat(fd: RawFd, value: libc::c_int) -> io::Result<()> {
