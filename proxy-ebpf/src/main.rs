@@ -102,10 +102,11 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
             // Wake userspace for every held skb, after counting it. Only at the start of an
             // episode is not enough: userspace may have just read `held` and decided it had
             // caught up while this skb was between its MOVED check and the count above.
-            let _ = HOLDS.output::<u64>(&cookie, 0);
+            let lost = HOLDS.output::<u64>(&cookie, 0).is_err();
             with_stats(|s| {
                 s.held_bytes += len;
                 s.holds += u64::from(starts);
+                s.lost_wakeups += u64::from(lost);
             });
             return sk_action::SK_PASS;
         }

@@ -131,6 +131,9 @@ pub struct Stats {
     pub trimmed_bytes: u64,
     /// Skbs that needed such a cut.
     pub trims: u64,
+    /// Wake-ups the program could not put on [`HOLDS_MAP`] because it was full. Userspace then
+    /// wakes every tunnel, so no held byte waits for a wake-up that never comes.
+    pub lost_wakeups: u64,
 }
 
 impl Stats {
@@ -148,6 +151,7 @@ impl Stats {
             holds: self.holds.wrapping_add(other.holds),
             trimmed_bytes: self.trimmed_bytes.wrapping_add(other.trimmed_bytes),
             trims: self.trims.wrapping_add(other.trims),
+            lost_wakeups: self.lost_wakeups.wrapping_add(other.lost_wakeups),
         }
     }
 }

@@ -393,7 +393,7 @@ pub struct ProgramCounter {
 
 /// The program's global counters as Prometheus counters. They count from the moment the program
 /// was loaded, so the start-up self-check's tunnels are in them too.
-pub const PROGRAM_COUNTERS: [ProgramCounter; 8] = [
+pub const PROGRAM_COUNTERS: [ProgramCounter; 9] = [
     ProgramCounter {
         name: "splice_proxy_sockmap_redirected_bytes",
         help: "Bytes the sockmap eBPF program forwarded from a tunnel socket straight to its peer \
@@ -445,6 +445,13 @@ pub const PROGRAM_COUNTERS: [ProgramCounter; 8] = [
                (see trimmed_bytes); a steady rise points at packet loss on the client or upstream \
                side",
         value: |s| s.trims,
+    },
+    ProgramCounter {
+        name: "splice_proxy_sockmap_lost_wakeups",
+        help: "Wake-ups for held bytes the sockmap program could not queue because the holds ring \
+               buffer was full; each time, the proxy wakes every tunnel to look for held bytes. \
+               Expected to stay 0",
+        value: |s| s.lost_wakeups,
     },
 ];
 
@@ -813,6 +820,7 @@ mod tests {
         holds: 23,
         trimmed_bytes: 29,
         trims: 31,
+        lost_wakeups: 41,
     };
 
     /// Whether `text` shows any family read from the program.
@@ -846,6 +854,7 @@ mod tests {
             ("splice_proxy_sockmap_hold_episodes_total", 23.0),
             ("splice_proxy_sockmap_trimmed_bytes_total", 29.0),
             ("splice_proxy_sockmap_trims_total", 31.0),
+            ("splice_proxy_sockmap_lost_wakeups_total", 41.0),
             // Kept by userspace, registered with the program's counters.
             ("splice_proxy_sockmap_relays_total", 37.0),
         ];

@@ -145,10 +145,25 @@ impl HoldWaiters {
         }
     }
 
+    /// Wakes every tunnel: for wake-ups the program could not put on the ring.
+    fn wake_all(&self) {
+        for n in self.waiters.lock().expect("hold waiters lock").values() {
+            n.notify_one();
+        }
+    }
+
     /// Reads the program's `HOLDS` ring buffer for ever, waking the tunnel of each cookie.
-    pub async fn dispatch(self: Arc<Self>, ring: RingBuf<MapData>) -> io::Result<()> {
+    /// After each batch, `lost()` (the program's count of wake-ups it found the ring full for;
+    /// `None` if it could not be read) is checked: if it grew, every tunnel is woken, since
+    /// whose wake-up was lost is unknown.
+    pub async fn dispatch(
+        self: Arc<Self>,
+        ring: RingBuf<MapData>,
+        lost: impl Fn() -> Option<u64>,
+    ) -> io::Result<()> {
         // SAFETY: the ring buffer's fd stays open, and the same fd, while the AsyncFd owns it.
         let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+        let mut seen = lost().unwrap_or(0);
         loop {
             let mut guard = ring.readable_mut().await?;
             while let Some(item) = guard.get_inner_mut().next() {
@@ -158,6 +173,20 @@ impl HoldWaiters {
                 }
             }
             guard.clear_ready();
+            if let Some(now) = lost() {
+                self.wake_all_if_lost(now, &mut seen);
+            }
+        }
+    }
+
+    fn wake_all_if_lost(&self, lost: u64, seen: &mut u64) {
+        if lost != *seen {
+            tracing::warn!(
+                "sockmap: the holds ring buffer was full, {} wake-up(s) lost; waking every tunnel",
+                lost.wrapping_sub(*seen)
+            );
+            *seen = lost;
+            self.wake_all();
         }
     }
 }
@@ -666,6 +695,34 @@ mod tests {
         step_until_idle(&mut mover, &program, &src, &dst, Instant::now());
         writer.join().unwrap();
         assert!(reader.join().unwrap() == data, "relayed bytes out of order");
+    }
+
+    #[tokio::test]
+    async fn a_lost_wake_up_wakes_every_tunnel_once() {
+        let waiters = HoldWaiters::default();
+        let (a, b) = (waiters.watch(1), waiters.watch(2));
+        let woken = |n: &Notify| {
+            // A stored permit resolves at once; none leaves the future pending.
+            futures_ready(n.notified())
+        };
+        let mut seen = 5;
+        waiters.wake_all_if_lost(5, &mut seen);
+        assert!(!woken(&a) && !woken(&b), "nothing lost, nobody woken");
+        waiters.wake_all_if_lost(7, &mut seen);
+        assert_eq!(seen, 7);
+        assert!(woken(&a) && woken(&b), "every tunnel woken after a loss");
+        waiters.wake_all_if_lost(7, &mut seen);
+        assert!(
+            !woken(&a) && !woken(&b),
+            "the same count again wakes nobody"
+        );
+    }
+
+    /// Whether a future is ready on its first poll.
+    fn futures_ready(f: impl std::future::Future<Output = ()>) -> bool {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.as_mut().poll(&mut cx).is_ready()
     }
 
     #[test]

@@ -133,9 +133,10 @@ impl Sockmap {
         };
         let waiters = Arc::new(HoldWaiters::default());
         let dispatcher = tokio::spawn({
-            let waiters = waiters.clone();
+            let (waiters, stats) = (waiters.clone(), stats.clone());
+            let lost = move || stats.read().ok().map(|s| s.lost_wakeups);
             async move {
-                if let Err(e) = waiters.dispatch(ring).await {
+                if let Err(e) = waiters.dispatch(ring, lost).await {
                     tracing::error!("sockmap: reading the holds ring buffer failed: {e}");
                 }
             }
