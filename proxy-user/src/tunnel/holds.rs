@@ -91,6 +91,16 @@ impl Backlog {
         (self.bound / 32).clamp(128 * KIB, MIB)
     }
 
+    /// The program's `LIMITS` entry for a direction whose peer had `base` as its
+    /// `queued_total` when armed; `relay`: userspace relays it (the program holds everything).
+    pub fn limit(self, base: u64, relay: bool) -> Limit {
+        Limit {
+            threshold: self.threshold(),
+            base,
+            relay: u64::from(relay),
+        }
+    }
+
     /// Unacknowledged bytes towards the peer above which the program holds.
     pub fn threshold(self) -> u64 {
         self.bound - self.rcvbuf()
@@ -285,11 +295,7 @@ impl Mover {
     }
 
     fn limit(&self, relay: bool) -> Limit {
-        Limit {
-            threshold: self.backlog.threshold(),
-            base: self.dst_base,
-            relay: u64::from(relay),
-        }
+        self.backlog.limit(self.dst_base, relay)
     }
 
     /// Moves what it can now. A `recv` of 0 (FIN) or EAGAIN does not end an episode: held skbs

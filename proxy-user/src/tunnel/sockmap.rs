@@ -325,12 +325,9 @@ impl Registration<'_> {
                 (self.upstream, self.base_client),
             ] {
                 moved.insert(src, 0, 0).map_err(io::Error::other)?;
-                let limit = Limit {
-                    threshold: backlog.threshold(),
-                    base: dst_base,
-                    relay: 0,
-                };
-                limits.insert(src, limit, 0).map_err(io::Error::other)?;
+                limits
+                    .insert(src, backlog.limit(dst_base, false), 0)
+                    .map_err(io::Error::other)?;
             }
         }
         self.up_holds = Some(self.sockmap.waiters.watch(self.client));
@@ -470,11 +467,18 @@ impl Movers {
         Ok(())
     }
 
-    /// Whether a direction that is still open has held bytes left to move, or is relayed (then
-    /// the tick also hands it back to the kernel once it has been quiet, see `RELAY_QUIET`).
+    /// Whether a direction has held bytes left to move, or is relayed (then the tick also hands
+    /// it back to the kernel once it has been quiet, see `RELAY_QUIET`).
+    fn needs_tick(&self, dir: Dir) -> bool {
+        match dir {
+            Dir::Up => self.up_moving || self.up.relaying(),
+            Dir::Down => self.down_moving || self.down.relaying(),
+        }
+    }
+
+    /// Whether a direction that is still open needs the tick.
     fn busy(&self, up_done: bool, down_done: bool) -> bool {
-        ((self.up_moving || self.up.relaying()) && !up_done)
-            || ((self.down_moving || self.down.relaying()) && !down_done)
+        (self.needs_tick(Dir::Up) && !up_done) || (self.needs_tick(Dir::Down) && !down_done)
     }
 
     /// Steps every open direction that has held bytes left.
@@ -484,10 +488,10 @@ impl Movers {
         up_done: bool,
         down_done: bool,
     ) -> Result<(), (End, Option<String>)> {
-        if (self.up_moving || self.up.relaying()) && !up_done {
+        if self.needs_tick(Dir::Up) && !up_done {
             self.step(reg, Dir::Up)?;
         }
-        if (self.down_moving || self.down.relaying()) && !down_done {
+        if self.needs_tick(Dir::Down) && !down_done {
             self.step(reg, Dir::Down)?;
         }
         Ok(())
