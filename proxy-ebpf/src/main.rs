@@ -11,15 +11,18 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, sk_action},
     cty::c_void,
     helpers::{
-        bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
-        bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_map_delete_elem, bpf_map_lookup_elem, bpf_probe_read_kernel,
+        bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
     },
     macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use proxy_ebpf::{Counts, DEFAULT_MAX_SOCKETS, HOLDS_RING_BYTES, Limit, STATS_INDEX, Stats};
+use proxy_ebpf::{
+    Counts, DEFAULT_MAX_SOCKETS, DETACH_BEHIND, DETACH_DONE, DETACH_NOT_ARMED, DETACH_PENDING,
+    HOLDS_RING_BYTES, Limit, STATS_INDEX, Stats,
+};
 
 /// Source socket cookie -> socket to transmit on. See `proxy_ebpf::PEERS_MAP`.
 #[map]
@@ -58,6 +61,10 @@ static TCP_SOCK_COPIED_SEQ: u32 = 0;
 #[unsafe(no_mangle)]
 static SKB_TCP_SEQ: u32 = 0;
 
+/// Socket cookie -> a request to leave `ARMED`. See `proxy_ebpf::DETACH_MAP`.
+#[map]
+static DETACH: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
 /// Global counters, one slot per CPU. See `proxy_ebpf::STATS_MAP`.
 #[map]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
@@ -93,22 +100,26 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     }
 
     // Backpressure: hold the skb on this socket instead of redirecting it (see LIMITS_MAP).
+    let mut press = false;
     if let Some(counts) = counts {
         // SAFETY: a live, aligned map value whose only writer is this socket's verdict, which the
         // kernel runs under the socket's lock (softirq receive or the SO_RCVLOWAT kick).
         let counts = unsafe { &mut *counts };
-        if let Some(starts) = must_hold(cookie, counts, len) {
-            counts.held += len;
-            // Wake userspace for every held skb, after counting it. Only at the start of an
-            // episode is not enough: userspace may have just read `held` and decided it had
-            // caught up while this skb was between its MOVED check and the count above.
-            let lost = HOLDS.output::<u64>(&cookie, 0).is_err();
-            with_stats(|s| {
-                s.held_bytes += len;
-                s.holds += u64::from(starts);
-                s.lost_wakeups += u64::from(lost);
-            });
-            return sk_action::SK_PASS;
+        match must_hold(cookie, counts, len) {
+            Bound::Hold { starts } => {
+                counts.held += len;
+                // Wake userspace for every held skb, after counting it. Only at the start of an
+                // episode is not enough: userspace may have just read `held` and decided it had
+                // caught up while this skb was between its MOVED check and the count above.
+                let lost = HOLDS.output::<u64>(&cookie, 0).is_err();
+                with_stats(|s| {
+                    s.held_bytes += len;
+                    s.holds += u64::from(starts);
+                    s.lost_wakeups += u64::from(lost);
+                });
+                return sk_action::SK_PASS;
+            }
+            Bound::Redirect { past_soft } => press = past_soft,
         }
     }
 
@@ -127,7 +138,11 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
             "splice_verdict: no peer for socket cookie {}, passing", cookie
         );
     }
+    // Past the soft threshold: wake userspace (after counting) to take this direction off the
+    // kernel path before it has to hold anything.
+    let lost = press && redirected && HOLDS.output::<u64>(&cookie, 0).is_err();
     with_stats(|stats| {
+        stats.lost_wakeups += u64::from(lost);
         if redirected {
             stats.redirected_bytes += len;
             stats.redirected_segments += 1;
@@ -274,30 +289,106 @@ fn global(g: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(g) }
 }
 
-/// Whether this skb must be held rather than redirected: `Some(true)` when it starts a hold.
+/// What the bound says about one skb.
+enum Bound {
+    /// Hold it; `starts`: it begins a backpressure episode.
+    Hold { starts: bool },
+    /// Redirect it; `past_soft`: the peer's backlog is past `Limit::soft`.
+    Redirect { past_soft: bool },
+}
+
+/// Whether this skb must be held rather than redirected.
 #[inline(always)]
-fn must_hold(cookie: u64, counts: &Counts, len: u64) -> Option<bool> {
+fn must_hold(cookie: u64, counts: &Counts, len: u64) -> Bound {
+    let redirect = Bound::Redirect { past_soft: false };
     // SAFETY: plain map lookups; the values are POD written whole by userspace.
-    let limit = unsafe { LIMITS.get(&cookie) }?;
+    let Some(limit) = (unsafe { LIMITS.get(&cookie) }) else {
+        return redirect;
+    };
     let moved = unsafe { MOVED.get(&cookie) }.copied().unwrap_or(0);
     if counts.held != moved {
         // Held bytes are still waiting for userspace: this one goes behind them.
-        return Some(false);
+        return Bound::Hold { starts: false };
     }
     if limit.relay != 0 {
         // Userspace relays this direction: hold everything. Not a new episode: that one began
         // when the bound was crossed (and userspace counts its relays).
-        return Some(false);
+        return Bound::Hold { starts: false };
     }
     if limit.threshold == 0 {
-        return None;
+        return redirect;
     }
     // How far the peer has drained: its remote's acknowledged bytes.
     let bytes_acked = global(&TCP_SOCK_BYTES_ACKED);
-    let acked = tcp_sock_field::<u64>((&raw const PEERS).cast(), cookie, bytes_acked)?;
+    let Some(acked) = tcp_sock_field::<u64>((&raw const PEERS).cast(), cookie, bytes_acked) else {
+        return redirect;
+    };
     let sent = counts.redirected + moved;
-    let unacked = sent.saturating_sub(acked.saturating_sub(limit.base));
-    (unacked + len > limit.threshold).then_some(true)
+    let unacked = (sent + limit.base).saturating_sub(acked) + len;
+    if unacked > limit.threshold {
+        return Bound::Hold { starts: true };
+    }
+    Bound::Redirect {
+        past_soft: limit.soft != 0 && unacked > limit.soft,
+    }
+}
+
+/// The context of an `iter/tcp` program (`struct bpf_iter__tcp` in the kernel).
+#[repr(C)]
+pub struct TcpIterCtx {
+    meta: *mut c_void,
+    /// The socket visited (`struct sock_common *`); NULL once at the end of the walk.
+    sk_common: *mut c_void,
+    uid: u32,
+}
+
+/// Answers `DETACH` requests: deletes each requested socket from `ARMED`. The kernel's TCP
+/// iterator (`bpf_iter_tcp_seq_show`) runs this with `lock_sock` held on the visited socket, so
+/// neither softirq receive nor a process-context caller can be inside that socket's verdict
+/// (`tcp_read_skb`) while the program is stopped: nothing already unlinked from its receive
+/// queue can meet a missing program and be dropped. A delete made from the bpf() syscall takes
+/// no socket lock and has exactly that race.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn splice_detach(ctx: *mut TcpIterCtx) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_iter__tcp context.
+    let sk = unsafe { (*ctx).sk_common };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: sk is the iterator's non-NULL, BTF-typed sock_common; tracing programs may take
+    // the cookie of one.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let Some(request) = DETACH.get_ptr_mut(&cookie) else {
+        return 0;
+    };
+    // SAFETY: a live map value; only this walk writes requests while it runs.
+    let request = unsafe { &mut *request };
+    if *request != DETACH_PENDING {
+        return 0;
+    }
+    // Under the socket lock no verdict runs on it, so `held` cannot move while we look.
+    // SAFETY: plain map lookups of POD values.
+    let held = unsafe { BYTES.get(&cookie) }.map_or(0, |c| c.held);
+    let moved = unsafe { MOVED.get(&cookie) }.copied().unwrap_or(0);
+    if held != moved {
+        *request = DETACH_BEHIND;
+        return 0;
+    }
+    let mut key = cookie;
+    // SAFETY: deleting a key from our own sockhash; the map pointer is the map definition.
+    let rc = unsafe {
+        bpf_map_delete_elem(
+            (&raw const ARMED).cast_mut().cast(),
+            (&raw mut key).cast::<c_void>(),
+        )
+    };
+    *request = if rc == 0 {
+        DETACH_DONE
+    } else {
+        DETACH_NOT_ARMED
+    };
+    0
 }
 
 #[inline(always)]

@@ -48,7 +48,8 @@ pub const MOVED_MAP: &str = "MOVED";
 
 /// `RingBuf` of `u64` socket cookies: the program writes the cookie of a socket for every skb
 /// it holds, after counting it in `Counts::held`, so a mover that has just seen itself caught
-/// up is always woken again. Userspace wakes up for these only, never for redirected data.
+/// up is always woken again; and for every skb it redirects past `Limit::soft`. Userspace wakes
+/// up for these only, never for other redirected data.
 pub const HOLDS_MAP: &str = "HOLDS";
 
 /// Size of [`HOLDS_MAP`] in bytes (a power of two, a multiple of the page size). Each record
@@ -56,6 +57,27 @@ pub const HOLDS_MAP: &str = "HOLDS";
 /// skb, some 30,000 a second at 15 Gbit/s, so the dispatcher would have to stall for seconds
 /// before one is lost (a lost wake-up at the start of an episode leaves that tunnel stalled).
 pub const HOLDS_RING_BYTES: u32 = 2 * 1024 * 1024;
+
+/// `HashMap<u64, u32>`: socket cookie -> a request to take that socket out of [`ARMED_MAP`],
+/// answered by the [`DETACH_PROGRAM_NAME`] iterator. Userspace inserts [`DETACH_PENDING`] for
+/// each socket of a batch, runs one walk of the TCP iterator, and reads the answers: the
+/// iterator runs with the socket's lock held, so no verdict can be running on it when it
+/// deletes the socket from `ARMED` (see "Leaving the kernel path" in docs/kernel-notes.md).
+pub const DETACH_MAP: &str = "DETACH";
+
+/// Name of the `iter/tcp` program that answers [`DETACH_MAP`] requests.
+pub const DETACH_PROGRAM_NAME: &str = "splice_detach";
+
+/// A [`DETACH_MAP`] request not answered yet (the walk did not meet the socket).
+pub const DETACH_PENDING: u32 = 0;
+/// The socket was deleted from `ARMED` under its lock: no verdict runs on it any more.
+pub const DETACH_DONE: u32 = 1;
+/// Refused: held bytes of this socket were not all moved yet (`Counts::held != MOVED`), so
+/// leaving them in the socket's `ingress_msg` behind new bytes in its receive queue would
+/// reorder them. Userspace moves them and asks again.
+pub const DETACH_BEHIND: u32 = 2;
+/// Refused: the socket was not in `ARMED`.
+pub const DETACH_NOT_ARMED: u32 = 3;
 
 /// `PerCpuArray<Stats>` with one slot (index [`STATS_INDEX`]); userspace sums the CPUs.
 pub const STATS_MAP: &str = "STATS";
@@ -89,14 +111,20 @@ pub struct Limit {
     /// Most bytes sent towards the peer (redirected + moved) and not yet acknowledged by the
     /// peer's remote before the program starts holding. 0: never hold.
     pub threshold: u64,
-    /// The peer's `tcp_sock.bytes_acked` at which every byte written to it before arming is
-    /// acknowledged: its acked count plus its send queue when it was armed.
+    /// Bytes put into the peer's send queue other than by this direction's program and its
+    /// held-byte mover: its `queued_total` (acked + send queue) when it was armed, plus what
+    /// userspace spliced to it while the direction was off the kernel path. The bytes towards
+    /// the peer its remote has not acknowledged are `redirected + moved + base - bytes_acked`.
     pub base: u64,
     /// Non-zero: userspace relays this direction, so the program holds every skb, whatever the
     /// backlog. Set by userspace when a hold episode starts (`--sockmap-overrun relay`) and
     /// cleared once the direction stopped pressing against the bound; see "Relaying an
     /// overrunning direction" in docs/kernel-notes.md.
     pub relay: u64,
+    /// Non-zero: past this many unacknowledged bytes (below `threshold`) the program wakes
+    /// userspace for every skb it redirects, so that userspace takes the direction off the
+    /// kernel path (`--sockmap-overrun splice`) before anything has to be held.
+    pub soft: u64,
 }
 
 /// Name of the program's global holding the offset of `bytes_acked` in the running kernel's

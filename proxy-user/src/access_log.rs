@@ -63,7 +63,10 @@ impl Record {
         if let Some(o) = &self.outcome {
             metrics.tunnel_ended(self.mode, o.end, bytes_up, bytes_down);
             metrics.relays_started(o.relays);
+            metrics.left_kernel(o.detaches, o.rearms, o.spliced_bytes);
         }
+        let o = self.outcome.as_ref();
+        let field = |f: fn(&Outcome) -> u64| o.map_or(0, f);
         let end = match (&self.outcome, self.status) {
             (Some(o), _) => o.end.to_string(),
             (None, Some(_)) => "refused".to_string(),
@@ -80,6 +83,12 @@ impl Record {
             bytes_down,
             duration_ms = self.start.elapsed().as_millis() as u64,
             mode = %self.mode,
+            kernel_bytes = field(|o| o.kernel_bytes),
+            spliced_bytes = field(|o| o.spliced_bytes),
+            relayed_bytes = field(|o| o.relayed_bytes),
+            relays = field(|o| o.relays),
+            detaches = field(|o| o.detaches),
+            rearms = field(|o| o.rearms),
             end = %end,
             error = self.error.as_deref().unwrap_or("-"),
             "tunnel"

@@ -96,11 +96,13 @@ pub struct RunArgs {
     pub sockmap_backlog: Backlog,
 
     /// sockmap: what a direction does once its reader has fallen
-    /// --sockmap-backlog behind. relay: userspace forwards it until it stops
+    /// behind. splice: it leaves the kernel path at half the bound and is
+    /// forwarded by splice(2) until its reader keeps up, then returns to the
+    /// kernel. relay: once --sockmap-backlog is reached, userspace forwards it until it stops
     /// pressing against the bound (costs proxy CPU, keeps throughput);
     /// pause: the kernel forwards again after each catch-up (no proxy CPU,
     /// but a peer on the same host waits ~200 ms each time).
-    #[arg(long = "sockmap-overrun", value_enum, default_value = "relay")]
+    #[arg(long = "sockmap-overrun", value_enum, default_value = "splice")]
     pub sockmap_overrun: Overrun,
 
     /// Most tunnels open at once; more get 503.
@@ -398,7 +400,9 @@ mod tests {
         assert_eq!(c.max_conns_per_ip, 4096);
         assert_eq!(c.auth_fail_delay, Duration::from_secs(5));
         assert_eq!(c.sockmap_backlog, Backlog::default());
-        assert_eq!(c.sockmap_backlog.overrun(), Overrun::Relay);
+        assert_eq!(c.sockmap_backlog.overrun(), Overrun::Splice);
+        let relay = run_args(&["--sockmap-overrun", "relay"]).unwrap();
+        assert_eq!(relay.sockmap_backlog.overrun(), Overrun::Relay);
         let pause = run_args(&["--sockmap-overrun", "pause", "--sockmap-backlog", "1MiB"]).unwrap();
         assert_eq!(pause.sockmap_backlog.overrun(), Overrun::Pause);
         assert_eq!(pause.sockmap_backlog.bytes(), 1 << 20);

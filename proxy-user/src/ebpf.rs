@@ -18,7 +18,8 @@ use aya::{
 mod shared;
 
 pub use shared::{
-    ARMED_MAP, BYTES_MAP, Counts, DEFAULT_MAX_SOCKETS, HOLDS_MAP, HOLDS_RING_BYTES, LIMITS_MAP,
+    ARMED_MAP, BYTES_MAP, Counts, DEFAULT_MAX_SOCKETS, DETACH_BEHIND, DETACH_DONE, DETACH_MAP,
+    DETACH_NOT_ARMED, DETACH_PENDING, DETACH_PROGRAM_NAME, HOLDS_MAP, HOLDS_RING_BYTES, LIMITS_MAP,
     Limit, MOVED_MAP, PEERS_MAP, PROGRAM_NAME, SKB_TCP_SEQ, STATS_INDEX, STATS_MAP, Stats,
     TCP_SOCK_BYTES_ACKED, TCP_SOCK_COPIED_SEQ,
 };
@@ -27,7 +28,7 @@ pub use shared::{
 unsafe impl aya::Pod for Stats {}
 // SAFETY: `Counts` is `#[repr(C)]`, two `u64`, no padding, valid for any bit pattern.
 unsafe impl aya::Pod for Counts {}
-// SAFETY: `Limit` is `#[repr(C)]`, two `u64`, no padding, valid for any bit pattern.
+// SAFETY: `Limit` is `#[repr(C)]`, three `u64`, no padding, valid for any bit pattern.
 unsafe impl aya::Pod for Limit {}
 
 /// The eBPF object built from `proxy-ebpf`, 8-byte aligned as the ELF parser needs. Empty when
@@ -86,11 +87,12 @@ pub fn load_with_capacity(max_sockets: u32) -> Result<Ebpf, EbpfError> {
         .map_max_entries(BYTES_MAP, max_sockets.max(2))
         .map_max_entries(LIMITS_MAP, max_sockets.max(2))
         .map_max_entries(MOVED_MAP, max_sockets.max(2))
+        .map_max_entries(DETACH_MAP, max_sockets.max(2))
         .load(OBJECT)
         .map_err(classify_object_error)?;
 
     for name in [
-        PEERS_MAP, ARMED_MAP, BYTES_MAP, LIMITS_MAP, MOVED_MAP, HOLDS_MAP, STATS_MAP,
+        PEERS_MAP, ARMED_MAP, BYTES_MAP, LIMITS_MAP, MOVED_MAP, HOLDS_MAP, STATS_MAP, DETACH_MAP,
     ] {
         if ebpf.map(name).is_none() {
             return Err(EbpfError::Missing { kind: "map", name });
@@ -100,6 +102,42 @@ pub fn load_with_capacity(max_sockets: u32) -> Result<Ebpf, EbpfError> {
         .load()
         .map_err(classify_program_error)?;
     Ok(ebpf)
+}
+
+/// Loads the `iter/tcp` program that takes sockets off the kernel path under their lock
+/// ([`DETACH_PROGRAM_NAME`]) and returns its program fd. Separate from [`load_with_capacity`]:
+/// a kernel that refuses it (before 6.5 the TCP iterator does not hold the socket lock; before
+/// mid-2024 an iterator may not delete from a sockhash) can still run the verdict program.
+pub fn load_detach(ebpf: &mut Ebpf) -> Result<std::os::fd::OwnedFd, EbpfError> {
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| EbpfError::Unsupported(format!("reading the kernel's BTF: {e}")))?;
+    let program: &mut aya::programs::Iter = ebpf
+        .program_mut(DETACH_PROGRAM_NAME)
+        .ok_or(EbpfError::Missing {
+            kind: "program",
+            name: DETACH_PROGRAM_NAME,
+        })?
+        .try_into()
+        .map_err(|e: ProgramError| {
+            EbpfError::InvalidObject(format!("{DETACH_PROGRAM_NAME}: {e}"))
+        })?;
+    program
+        .load("tcp", &btf)
+        .map_err(|e| match classify_program_error(e) {
+            EbpfError::Rejected { reason, log, .. } => EbpfError::Rejected {
+                program: DETACH_PROGRAM_NAME,
+                reason,
+                log,
+            },
+            other => other,
+        })?;
+    let fd = program
+        .fd()
+        .map_err(|e| EbpfError::Other(format!("{DETACH_PROGRAM_NAME}: {e}")))?;
+    use std::os::fd::AsFd as _;
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| EbpfError::Other(format!("{DETACH_PROGRAM_NAME}: {e}")))
 }
 
 /// The stream-verdict program of a loaded object.

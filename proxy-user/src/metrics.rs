@@ -107,6 +107,9 @@ pub struct Metrics {
     handshake: Histogram,
     /// Registered with the program's counters (sockmap only).
     sockmap_relays: Counter,
+    sockmap_detaches: Counter,
+    sockmap_rearms: Counter,
+    sockmap_spliced_bytes: Counter,
 }
 
 impl Metrics {
@@ -127,6 +130,9 @@ impl Metrics {
             credentials_loaded: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
             sockmap_relays: Counter::default(),
+            sockmap_detaches: Counter::default(),
+            sockmap_rearms: Counter::default(),
+            sockmap_spliced_bytes: Counter::default(),
         };
         let mode_s = mode.to_string();
         // Series for the chosen data path exist (at 0) before the first tunnel.
@@ -344,6 +350,34 @@ impl Metrics {
              ends; its bytes are in splice_proxy_sockmap_held_bytes",
             self.sockmap_relays.clone(),
         );
+        self.registry.register(
+            "splice_proxy_sockmap_detaches",
+            "Times one direction of a sockmap tunnel left the kernel path because its reader fell \
+             behind, to be forwarded by splice(2) (--sockmap-overrun splice), counted when the \
+             tunnel ends",
+            self.sockmap_detaches.clone(),
+        );
+        self.registry.register(
+            "splice_proxy_sockmap_rearms",
+            "Times a spliced direction of a sockmap tunnel returned to the kernel path once its \
+             reader kept up, counted when the tunnel ends",
+            self.sockmap_rearms.clone(),
+        );
+        self.registry.register(
+            "splice_proxy_sockmap_spliced_bytes",
+            "Bytes of sockmap tunnels forwarded by splice(2) while a direction was off the kernel \
+             path, counted when the tunnel ends (the rest of splice_proxy_bytes_total went through \
+             the kernel, or was relayed: splice_proxy_sockmap_held_bytes_total)",
+            self.sockmap_spliced_bytes.clone(),
+        );
+    }
+
+    /// An ended sockmap tunnel's directions left the kernel path `detaches` times, came back
+    /// `rearms` times, and spliced `bytes` meanwhile.
+    pub fn left_kernel(&self, detaches: u64, rearms: u64, bytes: u64) {
+        self.sockmap_detaches.inc_by(detaches);
+        self.sockmap_rearms.inc_by(rearms);
+        self.sockmap_spliced_bytes.inc_by(bytes);
     }
 
     /// Directions of an ended sockmap tunnel that were relayed by userspace, `n` times in all.
@@ -841,6 +875,8 @@ mod tests {
         m.relays_started(2);
         m.relays_started(0);
         m.relays_started(35);
+        m.left_kernel(3, 2, 1_000);
+        m.left_kernel(4, 4, 24);
         let t = m.render();
         let want = [
             (
@@ -857,6 +893,9 @@ mod tests {
             ("splice_proxy_sockmap_lost_wakeups_total", 41.0),
             // Kept by userspace, registered with the program's counters.
             ("splice_proxy_sockmap_relays_total", 37.0),
+            ("splice_proxy_sockmap_detaches_total", 7.0),
+            ("splice_proxy_sockmap_rearms_total", 6.0),
+            ("splice_proxy_sockmap_spliced_bytes_total", 1_024.0),
         ];
         for (name, value) in want {
             assert_eq!(sample(&t, name), Some(value), "{name}\n{t}");

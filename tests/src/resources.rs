@@ -10,7 +10,7 @@ use crate::torture::fd_count_of;
 
 /// The eBPF maps whose entries belong to open tunnels (`proxy_ebpf::PEERS_MAP`,
 /// `ARMED_MAP`, `BYTES_MAP`); the per-CPU `STATS` array has fixed slots.
-pub const TUNNEL_MAPS: [&str; 5] = ["PEERS", "ARMED", "BYTES", "LIMITS", "MOVED"];
+pub const TUNNEL_MAPS: [&str; 6] = ["PEERS", "ARMED", "BYTES", "LIMITS", "MOVED", "DETACH"];
 
 /// User + system CPU seconds used so far by process `pid` (0 if it is gone).
 pub fn cpu_secs(pid: u32) -> f64 {

@@ -173,7 +173,7 @@ struct Bounded {
 }
 
 impl Bounded {
-    fn start(backlog: &str) -> Bounded {
+    fn start(backlog: &str, overrun: &str) -> Bounded {
         let mut args: Vec<&str> = TEST_POLICY.to_vec();
         args.extend_from_slice(&[
             "--mode",
@@ -181,6 +181,8 @@ impl Bounded {
             "--allow-anonymous",
             "--sockmap-backlog",
             backlog,
+            "--sockmap-overrun",
+            overrun,
         ]);
         let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
         let before = scrape(maddr);
@@ -232,19 +234,31 @@ fn mem_available() -> u64 {
 
 /// An upstream that accepts and never reads, for 30 s (SPLICE_STALL_SECS): the client can get no
 /// more than the backlog bound ahead, it stays there (no creeping growth), socket and host memory
-/// stay bounded, and once the upstream reads, every byte arrives in order. `/metrics` shows the
-/// hold, and the program's redirected plus held bytes add up to exactly what the client sent.
+/// stay bounded, and once the upstream reads, every byte arrives in order. With the default
+/// `--sockmap-overrun splice` the direction leaves the kernel path (the access log counts the
+/// detach) and the program's redirected plus the spliced bytes add up to what the client sent.
+#[test]
+fn stalled_upstream_is_spliced_within_the_bound() {
+    stalled_upstream("splice", 30);
+}
+
+/// The same with `--sockmap-overrun relay`: `/metrics` shows the hold, and the program's
+/// redirected plus held bytes add up to exactly what the client sent.
 #[test]
 fn stalled_upstream_holds_the_bound() {
+    stalled_upstream("relay", 10);
+}
+
+fn stalled_upstream(overrun: &str, default_secs: u64) {
     const MIB: u64 = 1 << 20;
     let stall = Duration::from_secs(
         std::env::var("SPLICE_STALL_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(30),
+            .unwrap_or(default_secs),
     );
     let bound = 8 * MIB;
-    let b = Bounded::start("8MiB");
+    let b = Bounded::start("8MiB", overrun);
     let (proxy, maddr) = (&b.proxy, b.maddr);
     let delta = |now: &Scrape, family: &str| b.delta(now, family);
     let tunnel = proxy.connect_tunnel(&b.target, None).unwrap();
@@ -315,10 +329,12 @@ fn stalled_upstream_holds_the_bound() {
     let stalled = scrape(maddr);
     let episodes = delta(&stalled, "splice_proxy_sockmap_hold_episodes_total");
     let held = delta(&stalled, "splice_proxy_sockmap_held_bytes_total");
-    assert!(
-        episodes >= 1.0 && held > 0.0,
-        "a stalled upstream and no hold on /metrics: {episodes} episodes, {held} bytes held"
-    );
+    if overrun == "relay" {
+        assert!(
+            episodes >= 1.0 && held > 0.0,
+            "a stalled upstream and no hold on /metrics: {episodes} episodes, {held} bytes held"
+        );
+    }
 
     // The upstream reads now: every byte, in order, then EOF once the client closes.
     tunnel.set_nonblocking(false).unwrap();
@@ -332,16 +348,29 @@ fn stalled_upstream_holds_the_bound() {
     let expected: Vec<u8> = chunk.iter().copied().cycle().take(got.len()).collect();
     assert!(got == expected, "bytes reordered or corrupted");
 
-    // Every byte the client sent was either redirected by the program or held and moved by
-    // userspace (a trimmed retransmission counts in neither: its bytes were already counted).
+    // Every byte the client sent was either redirected by the program, held and moved by
+    // userspace, or spliced (a trimmed retransmission counts in none: its bytes were already
+    // counted). Spliced bytes are counted when the tunnel ends.
+    drop(server);
+    let line = proxy
+        .wait_for_log("status=200", Duration::from_secs(10))
+        .unwrap();
     let done = scrape(maddr);
     let redirected = delta(&done, "splice_proxy_sockmap_redirected_bytes_total");
     let held = delta(&done, "splice_proxy_sockmap_held_bytes_total");
+    let spliced = delta(&done, "splice_proxy_sockmap_spliced_bytes_total");
     assert_eq!(
-        redirected + held,
+        redirected + held + spliced,
         written as f64,
-        "{redirected} bytes redirected + {held} held for {written} sent"
+        "{redirected} bytes redirected + {held} held + {spliced} spliced for {written} sent"
     );
+    if overrun == "splice" {
+        let detaches = access_field(&line, "detaches").unwrap();
+        assert!(
+            detaches >= 1 && spliced > 0.0,
+            "a stalled upstream and the direction never left the kernel path: {line}"
+        );
+    }
 }
 
 /// `--sockmap-overrun relay` (the default): a reader that falls the bound behind makes the proxy
@@ -355,7 +384,7 @@ fn overrun_is_relayed_then_handed_back_to_the_kernel() {
     const MIB: usize = 1 << 20;
     const PHASE1: usize = 8 * MIB;
     const PHASE2: usize = 16 * MIB;
-    let b = Bounded::start("1MiB");
+    let b = Bounded::start("1MiB", "relay");
     let (proxy, maddr) = (&b.proxy, b.maddr);
     let delta = |now: &Scrape, family: &str| b.delta(now, family);
     let mut tunnel = proxy.connect_tunnel(&b.target, None).unwrap();

@@ -35,7 +35,10 @@ use crate::ebpf::Limit;
 /// What a direction does once it has overrun its bound (`--sockmap-overrun`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Overrun {
-    /// Userspace relays the direction until it stops pressing against the bound.
+    /// The direction leaves the kernel path and is forwarded by splice(2) until its reader
+    /// keeps up again, then returns to the kernel.
+    Splice,
+    /// Userspace relays the direction (recv/send) until it stops pressing against the bound.
     Relay,
     /// The kernel forwards again as soon as userspace has moved the held bytes.
     Pause,
@@ -44,6 +47,11 @@ pub enum Overrun {
 /// How long a relayed direction must go without pressing against its bound before the kernel
 /// forwards it again.
 pub const RELAY_QUIET: Duration = Duration::from_millis(20);
+
+/// How long a spliced direction's peer must go without a full send buffer before the direction
+/// returns to the kernel path. Longer than [`RELAY_QUIET`]: each round trip costs two walks of
+/// the TCP iterator, and a reader that was the bottleneck usually stays it.
+pub const SPLICE_QUIET: Duration = Duration::from_millis(50);
 
 /// How much one direction of a sockmap tunnel may hold in the kernel (`--sockmap-backlog`), and
 /// what it does when it gets there (`--sockmap-overrun`).
@@ -66,7 +74,7 @@ impl Backlog {
     pub fn new(bytes: u64) -> Option<Backlog> {
         (bytes >= Self::MIN_BYTES).then_some(Backlog {
             bound: bytes,
-            overrun: Overrun::Relay,
+            overrun: Overrun::Splice,
         })
     }
 
@@ -98,12 +106,30 @@ impl Backlog {
             threshold: self.threshold(),
             base,
             relay: u64::from(relay),
+            soft: self.soft(),
         }
     }
 
     /// Unacknowledged bytes towards the peer above which the program holds.
     pub fn threshold(self) -> u64 {
         self.bound - self.rcvbuf()
+    }
+
+    /// Unacknowledged bytes towards the peer past which the program wakes userspace to take
+    /// the direction off the kernel path (`Overrun::Splice`; 0 otherwise): half the threshold,
+    /// so the walk that detaches it has the other half of the way to the threshold to finish
+    /// before anything must be held.
+    pub fn soft(self) -> u64 {
+        match self.overrun {
+            Overrun::Splice => self.threshold() / 2,
+            Overrun::Relay | Overrun::Pause => 0,
+        }
+    }
+
+    /// The send buffer (`sk_sndbuf`, as the kernel counts it) of a peer while its direction is
+    /// spliced: its queue plus the pipe stay within the threshold.
+    pub fn spliced_sndbuf(self, pipe: u64) -> u64 {
+        self.threshold().saturating_sub(pipe).max(256 * KIB)
     }
 
     /// Send buffer of each tunnel socket (`sk_sndbuf`): room for a whole threshold, so the
@@ -119,7 +145,7 @@ impl Default for Backlog {
     fn default() -> Backlog {
         Backlog {
             bound: Self::DEFAULT_BYTES,
-            overrun: Overrun::Relay,
+            overrun: Overrun::Splice,
         }
     }
 }
@@ -209,6 +235,10 @@ pub trait Counters {
     fn set_moved(&self, src_cookie: u64, moved: u64) -> io::Result<()>;
     /// Replaces the program's bound for `src`.
     fn set_limit(&self, src_cookie: u64, limit: Limit) -> io::Result<()>;
+    /// Forgets where the program's last skb from `src` ended, so the next one is trimmed
+    /// against the socket's `copied_seq` (for a socket rejoining the kernel path after
+    /// userspace read from it). Only while the program does not run on `src`.
+    fn reset_seq(&self, src_cookie: u64) -> io::Result<()>;
 }
 
 /// What the mover is waiting for after a step.
@@ -257,6 +287,9 @@ pub struct Mover {
     unsent: (Vec<u8>, usize),
     /// Times this direction started relaying.
     relays: u64,
+    /// `Overrun::Splice`: the peer's backlog is past [`Backlog::soft`], so the direction
+    /// should leave the kernel path.
+    pressed: bool,
 }
 
 thread_local! {
@@ -276,7 +309,54 @@ impl Mover {
             relaying: None,
             unsent: (Vec::new(), 0),
             relays: 0,
+            pressed: false,
         }
+    }
+
+    /// Whether this direction should leave the kernel path now (`Overrun::Splice`): its peer's
+    /// backlog is past the soft threshold and nothing is held.
+    pub fn wants_detach(&self) -> bool {
+        self.pressed && self.relaying.is_none()
+    }
+
+    /// Detaching is not possible now (something was held first, or the walk failed): relay
+    /// this episode as `Overrun::Relay` does; the kernel gets it back after `RELAY_QUIET`.
+    pub fn relay_instead(
+        &mut self,
+        counters: &impl Counters,
+        now: Instant,
+    ) -> Result<(), MoveError> {
+        self.pressed = false;
+        counters
+            .set_limit(self.src_cookie, self.limit(true))
+            .map_err(MoveError::Dst)?;
+        self.relaying = Some(now);
+        self.relays += 1;
+        Ok(())
+    }
+
+    /// The socket left the kernel path.
+    pub fn detached(&mut self) {
+        self.pressed = false;
+    }
+
+    /// `queued_total(dst)` that every byte sent towards the peer so far adds up to, given
+    /// what the program has `redirected`.
+    pub fn dst_target(&self, redirected: u64) -> u64 {
+        self.dst_base + redirected + self.moved
+    }
+
+    /// The peer's base: its `queued_total` at arming plus everything spliced to it since.
+    pub fn dst_base(&self) -> u64 {
+        self.dst_base
+    }
+
+    /// The direction returns to the kernel after `spliced` bytes went to the peer by splice:
+    /// they count in the base, like bytes written before arming. Returns the program's new
+    /// `LIMITS` entry.
+    pub fn rearm(&mut self, spliced: u64) -> Limit {
+        self.dst_base += spliced;
+        self.limit(false)
     }
 
     /// Bytes moved so far.
@@ -296,6 +376,11 @@ impl Mover {
 
     fn limit(&self, relay: bool) -> Limit {
         self.backlog.limit(self.dst_base, relay)
+    }
+
+    /// The threshold the mover keeps the peer under.
+    fn threshold(&self) -> u64 {
+        self.backlog.threshold()
     }
 
     /// Moves what it can now. A `recv` of 0 (FIN) or EAGAIN does not end an episode: held skbs
@@ -322,6 +407,20 @@ impl Mover {
                 buf.resize(chunk, 0);
             }
             let buf = &mut buf[..chunk];
+            if self.relaying.is_none() && self.backlog.overrun() == Overrun::Splice {
+                let (redirected, held) = counters.counts(self.src_cookie);
+                if held == self.moved {
+                    // Woken by a redirect past the soft threshold (or late): leave the kernel
+                    // path if the peer is still that far behind.
+                    let peer = self.peer(dst, redirected)?;
+                    self.pressed = peer.unacked > self.backlog.soft();
+                    return Ok(Step::Idle);
+                }
+                // The threshold was reached before the direction could leave the kernel path:
+                // held bytes sit in the psock's queue, which only a read while the program is
+                // attached accounts for (docs/kernel-notes.md). Relay this episode.
+                self.relay_instead(counters, now)?;
+            }
             if self.relaying.is_none() && self.backlog.overrun() == Overrun::Relay {
                 let (_, held) = counters.counts(self.src_cookie);
                 if held == self.moved {
@@ -356,7 +455,9 @@ impl Mover {
     ) -> Result<Step, MoveError> {
         loop {
             if !self.flush_unsent(counters, dst)? {
-                self.relaying = Some(now);
+                if self.relaying.is_some() {
+                    self.relaying = Some(now);
+                }
                 return Ok(Step::Wait);
             }
             let (redirected, held) = counters.counts(self.src_cookie);
@@ -374,9 +475,11 @@ impl Mover {
             if peer.behind_worker {
                 return Ok(Step::Wait);
             }
-            let room = self.backlog.threshold().saturating_sub(peer.unacked);
+            let room = self.threshold().saturating_sub(peer.unacked);
             if room == 0 {
-                self.relaying = Some(now);
+                if self.relaying.is_some() {
+                    self.relaying = Some(now);
+                }
                 return Ok(Step::Wait);
             }
             let want = (room.min(held.saturating_sub(self.moved)) as usize).min(buf.len());
@@ -416,7 +519,7 @@ impl Mover {
         let sent = redirected + self.moved;
         Ok(Peer {
             behind_worker: queued.wrapping_sub(self.dst_base) < sent,
-            unacked: sent.saturating_sub(acked.saturating_sub(self.dst_base)),
+            unacked: (sent + self.dst_base).saturating_sub(acked),
         })
     }
 
@@ -578,6 +681,9 @@ mod tests {
         }
         fn set_limit(&self, _: u64, limit: Limit) -> io::Result<()> {
             self.relay.set(Some(limit.relay != 0));
+            Ok(())
+        }
+        fn reset_seq(&self, _: u64) -> io::Result<()> {
             Ok(())
         }
     }

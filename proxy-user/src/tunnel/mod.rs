@@ -7,10 +7,12 @@
 //! sits idle too long, or the proxy shuts down.
 
 mod copy;
+mod detach;
 pub mod holds;
 mod self_check;
 pub mod sockmap;
 mod splice;
+mod spliced;
 
 use std::fmt;
 use std::future::Future;
@@ -110,12 +112,10 @@ pub async fn select(requested: ModeArg, backlog: holds::Backlog) -> Result<Selec
         ModeArg::Splice => splice::probe()
             .map(|()| plain(DataPath::Splice))
             .map_err(|e| format!("splice(2) does not work here: {e}")),
-        ModeArg::Sockmap => Ok(plain(DataPath::Sockmap(Box::new(
-            start_sockmap(backlog).await?,
-        )))),
+        ModeArg::Sockmap => Ok(sockmap_selection(start_sockmap(backlog).await?)),
         ModeArg::Auto => {
             let why = match start_sockmap(backlog).await {
-                Ok(sm) => return Ok(plain(DataPath::Sockmap(Box::new(sm)))),
+                Ok(sm) => return Ok(sockmap_selection(sm)),
                 Err(e) => e,
             };
             Ok(match splice::probe() {
@@ -131,6 +131,22 @@ pub async fn select(requested: ModeArg, backlog: holds::Backlog) -> Result<Selec
                 },
             })
         }
+    }
+}
+
+/// The sockmap data path, with the warning to log when its reader-bound directions cannot
+/// leave the kernel path for splice here and are relayed instead.
+fn sockmap_selection(sm: sockmap::Sockmap) -> Selection {
+    let fallback_warning = sm.splice_unavailable().map(|why| {
+        format!(
+            "sockmap: a direction whose reader is slower than its sender is relayed by \
+             userspace (--sockmap-overrun relay), not spliced: the detach iterator is \
+             unavailable: {why}"
+        )
+    });
+    Selection {
+        datapath: DataPath::Sockmap(Box::new(sm)),
+        fallback_warning,
     }
 }
 
@@ -187,6 +203,16 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Times a direction overran its sockmap backlog and userspace started relaying it.
     pub relays: u64,
+    /// Sockmap: bytes (up + down) the program redirected in the kernel.
+    pub kernel_bytes: u64,
+    /// Sockmap: bytes (up + down) forwarded by splice(2) while a direction was off the kernel
+    /// path.
+    pub spliced_bytes: u64,
+    /// Sockmap: bytes (up + down) userspace read and wrote itself (held bytes relayed).
+    pub relayed_bytes: u64,
+    /// Sockmap: times a direction left the kernel path for splice, and came back to it.
+    pub detaches: u64,
+    pub rearms: u64,
 }
 
 /// Byte counts and the time of the last byte, shared by both directions.
@@ -301,6 +327,10 @@ pub async fn forward(
             };
             let (up, down) = reg.bytes();
             let relays = reg.relays();
+            let (ku, kd) = reg.kernel_bytes();
+            let (su, sd) = reg.spliced_bytes();
+            let (detaches, rearms) = reg.transitions();
+            let relayed_bytes = reg.relayed_bytes();
             progress.up.fetch_add(up, Ordering::Relaxed);
             progress.down.fetch_add(down, Ordering::Relaxed);
             if let Some(Some((c, u))) = &detached {
@@ -315,6 +345,11 @@ pub async fn forward(
                 end: result.0,
                 error: result.1,
                 relays,
+                kernel_bytes: ku + kd,
+                spliced_bytes: su + sd,
+                relayed_bytes,
+                detaches,
+                rearms,
             };
         }
     };
@@ -325,6 +360,11 @@ pub async fn forward(
         end,
         error,
         relays: 0,
+        kernel_bytes: 0,
+        spliced_bytes: 0,
+        relayed_bytes: 0,
+        detaches: 0,
+        rearms: 0,
     }
 }
 

@@ -33,11 +33,13 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::holds::{Backlog, Counters, HoldWaiters, MoveError, Mover, Step};
+use super::detach::{Answer, Detacher, Walker};
+use super::holds::{Backlog, Counters, HoldWaiters, MoveError, Mover, Overrun, SPLICE_QUIET, Step};
+use super::spliced::{Spliced, Stop};
 use super::{End, Progress, PumpError};
 use crate::ebpf::{
-    self, ARMED_MAP, BYTES_MAP, Counts, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP, Limit,
-    MOVED_MAP, PEERS_MAP,
+    self, ARMED_MAP, BYTES_MAP, Counts, DETACH_MAP, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP,
+    Limit, MOVED_MAP, PEERS_MAP,
 };
 
 /// The loaded program and its maps, shared by all tunnels.
@@ -56,11 +58,19 @@ pub struct Sockmap {
     /// Forwards the program's aya-log records into the proxy's log.
     logs: Option<tokio::task::JoinHandle<()>>,
     backlog: Backlog,
+    /// Takes sockets off the kernel path (`--sockmap-overrun splice`); `None` where the
+    /// iterator could not be loaded, and then `splice_unavailable` says why.
+    detacher: Option<Arc<Detacher>>,
+    detach_task: Option<tokio::task::JoinHandle<()>>,
+    splice_unavailable: Option<String>,
 }
 
 impl Drop for Sockmap {
     fn drop(&mut self) {
         self.dispatcher.abort();
+        if let Some(t) = &self.detach_task {
+            t.abort();
+        }
         if let Some(logs) = &self.logs {
             logs.abort();
         }
@@ -93,6 +103,13 @@ impl Counters for Sockmap {
             .insert(src_cookie, limit, 0)
             .map_err(io::Error::other)
     }
+
+    fn reset_seq(&self, src_cookie: u64) -> io::Result<()> {
+        let mut bytes = self.bytes.lock().expect("bytes map lock");
+        let mut c = bytes.get(&src_cookie, 0).map_err(io::Error::other)?;
+        c.next_seq = 0;
+        bytes.insert(src_cookie, c, 0).map_err(io::Error::other)
+    }
 }
 
 fn map_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
@@ -102,7 +119,7 @@ fn map_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
 impl Sockmap {
     /// Loads the program and attaches it to the `ARMED` map; each direction of a tunnel may
     /// then hold at most `backlog` in the kernel. Needs a tokio runtime (the hold dispatcher).
-    pub fn start(backlog: Backlog) -> Result<Sockmap, EbpfError> {
+    pub fn start(mut backlog: Backlog) -> Result<Sockmap, EbpfError> {
         let mut ebpf = ebpf::load()?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
@@ -131,6 +148,16 @@ impl Sockmap {
                 None
             }
         };
+        let (mut detacher, mut detach_task, mut splice_unavailable) = (None, None, None);
+        if backlog.overrun() == Overrun::Splice {
+            match start_detacher(&mut ebpf) {
+                Ok((d, task)) => (detacher, detach_task) = (Some(d), Some(task)),
+                Err(e) => {
+                    splice_unavailable = Some(e.to_string());
+                    backlog = backlog.with_overrun(Overrun::Relay);
+                }
+            }
+        }
         let waiters = Arc::new(HoldWaiters::default());
         let dispatcher = tokio::spawn({
             let (waiters, stats) = (waiters.clone(), stats.clone());
@@ -153,7 +180,20 @@ impl Sockmap {
             dispatcher,
             logs,
             backlog,
+            detacher,
+            detach_task,
+            splice_unavailable,
         })
+    }
+
+    /// Why `--sockmap-overrun splice` fell back to `relay` on this kernel, if it did.
+    pub fn splice_unavailable(&self) -> Option<&str> {
+        self.splice_unavailable.as_deref()
+    }
+
+    /// Walks of the TCP iterator so far, and the seconds they took.
+    pub fn walk_stats(&self) -> Option<super::detach::WalkStats> {
+        self.detacher.as_ref().map(|d| d.stats())
     }
 
     /// Step 1 of the handoff: makes each socket the other's redirect target.
@@ -189,6 +229,9 @@ impl Sockmap {
             bounded: false,
             up_holds: None,
             down_holds: None,
+            spliced: Progress::new(),
+            detaches: AtomicU64::new(0),
+            rearms: AtomicU64::new(0),
         };
         {
             let mut bytes = self.bytes.lock().expect("bytes map lock");
@@ -239,6 +282,25 @@ async fn run_pump(pump: &mut Option<PumpFuture<'_>>) -> Result<(), PumpError> {
     }
 }
 
+/// Loads the detach iterator and starts the task that batches its walks.
+fn start_detacher(
+    ebpf: &mut Ebpf,
+) -> Result<(Arc<Detacher>, tokio::task::JoinHandle<()>), EbpfError> {
+    let prog = ebpf::load_detach(ebpf)?;
+    let map = ebpf.take_map(DETACH_MAP).ok_or(EbpfError::Missing {
+        kind: "map",
+        name: DETACH_MAP,
+    })?;
+    let requests = HashMap::try_from(map).map_err(|e| map_err(DETACH_MAP, e))?;
+    let walker = Walker::new(requests, &prog)
+        .map_err(|e| EbpfError::Unsupported(format!("attaching the TCP iterator: {e}")))?;
+    // A walk with nothing asked proves the kernel runs the iterator here.
+    walker
+        .walk_empty()
+        .map_err(|e| EbpfError::Unsupported(format!("walking the TCP iterator: {e}")))?;
+    Ok(Detacher::start(walker))
+}
+
 /// Who forwards an armed tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Armed {
@@ -281,6 +343,11 @@ pub struct Registration<'a> {
     /// Wake-ups for the client's (up) and the upstream's (down) holds.
     up_holds: Option<Arc<Notify>>,
     down_holds: Option<Arc<Notify>>,
+    /// Bytes spliced client → upstream and upstream → client while off the kernel path.
+    spliced: Progress,
+    /// Times a direction left the kernel path for splice, and came back to it.
+    detaches: AtomicU64,
+    rearms: AtomicU64,
 }
 
 impl Registration<'_> {
@@ -343,6 +410,8 @@ impl Registration<'_> {
             down: Mover::new(self.upstream, self.base_client, backlog),
             up_moving: false,
             down_moving: false,
+            up_spliced: None,
+            down_spliced: None,
             client,
             upstream,
         }
@@ -364,7 +433,140 @@ impl Registration<'_> {
         }
         self.relays
             .fetch_add(mover.relays() - relays, Ordering::Relaxed);
-        let (src_end, dst_end) = match dir {
+        match result {
+            Ok(Step::Idle) => Ok(false),
+            Ok(Step::Wait) => Ok(true),
+            Err(e) => Err(self.move_error(e, dir)),
+        }
+    }
+
+    fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
+        match self.arm_socket(cookie, sock.as_raw_fd()) {
+            Ok(()) => Ok(true),
+            Err(_) if !established(sock) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts the verdict program on one socket and runs what it queued so
+    /// far through it (SO_RCVLOWAT makes TCP call data_ready).
+    fn arm_socket(&self, cookie: u64, fd: RawFd) -> io::Result<()> {
+        self.sockmap
+            .armed
+            .lock()
+            .expect("armed map lock")
+            .insert(cookie, fd, 0)
+            .map_err(io::Error::other)?;
+        set_rcvlowat(fd, 1)
+    }
+
+    /// After a wake-up for `dir`: moves held bytes, and takes the direction off the kernel
+    /// path when its mover asks (`--sockmap-overrun splice`).
+    async fn advance(&self, movers: &mut Movers, dir: Dir) -> Result<(), (End, Option<String>)> {
+        if movers.spliced(dir).is_some() {
+            // A wake-up from before the detach.
+            return Ok(());
+        }
+        movers.step(self, dir)?;
+        let (src, dst) = movers.fds(dir);
+        let cookie = self.cookie(dir);
+        let failed = |e: io::Error| (End::Failed, Some(format!("leaving the kernel path: {e}")));
+        if !movers.mover(dir).wants_detach() {
+            return Ok(());
+        }
+        let answer = match &self.sockmap.detacher {
+            Some(d) => d.detach(cookie).await,
+            None => Answer::Failed("no detach iterator".into()),
+        };
+        let relay_instead = |movers: &mut Movers| {
+            let r = movers
+                .mover(dir)
+                .relay_instead(self.sockmap, std::time::Instant::now());
+            self.relays.fetch_add(1, Ordering::Relaxed);
+            movers.set_moving(dir, true);
+            r.map_err(|e| self.move_error(e, dir))
+        };
+        match answer {
+            Answer::Detached => {
+                movers.mover(dir).detached();
+                self.detaches.fetch_add(1, Ordering::Relaxed);
+                let target = movers
+                    .mover(dir)
+                    .dst_target(self.sockmap.redirected(cookie));
+                let backlog = self.sockmap.backlog;
+                set_sndbuf(dst, backlog.spliced_sndbuf(super::splice::PIPE_SIZE as u64))
+                    .map_err(failed)?;
+                match Spliced::new(src, dst, target) {
+                    Ok(sp) => movers.set_spliced(dir, Some(sp)),
+                    Err(e) => {
+                        // No pipe to be had (out of descriptors): straight back to the kernel.
+                        tracing::warn!("sockmap: cannot splice ({e}); the kernel keeps forwarding");
+                        self.rearm_socket(movers, dir, 0).map_err(failed)?;
+                    }
+                }
+                Ok(())
+            }
+            // Something was held before the walk reached the socket.
+            Answer::Behind => relay_instead(movers),
+            Answer::NotArmed | Answer::Failed(_) => {
+                if let Answer::Failed(e) = &answer {
+                    tracing::warn!("sockmap: {e}; relaying this direction instead");
+                }
+                relay_instead(movers)
+            }
+        }
+    }
+
+    /// The spliced direction `dir` kept up: back to the kernel path, unless its source can no
+    /// longer join the sockmap (then it is spliced to its end).
+    fn rearm(&self, movers: &mut Movers, dir: Dir) -> io::Result<()> {
+        let Some(sp) = movers.take_spliced(dir) else {
+            return Ok(());
+        };
+        let (src, dst) = movers.fds(dir);
+        match self.rearm_socket(movers, dir, sp.written()) {
+            Ok(()) => Ok(()),
+            Err(_) if !tcp_info(src).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED) => {
+                let mut sp = sp;
+                sp.splice_to_the_end();
+                set_sndbuf(
+                    dst,
+                    self.sockmap
+                        .backlog
+                        .spliced_sndbuf(super::splice::PIPE_SIZE as u64),
+                )?;
+                movers.set_spliced(dir, Some(sp));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts a detached source back into `ARMED` after `spliced` bytes went to its peer by
+    /// splice: the program's bound counts them, its next skb is trimmed against the socket's
+    /// `copied_seq`, the peer's send buffer is back to its armed size, and what queued
+    /// meanwhile is run through the program in order.
+    fn rearm_socket(&self, movers: &mut Movers, dir: Dir, spliced: u64) -> io::Result<()> {
+        let (src, dst) = movers.fds(dir);
+        let cookie = self.cookie(dir);
+        let limit = movers.mover(dir).rearm(spliced);
+        self.sockmap.reset_seq(cookie)?;
+        self.sockmap.set_limit(cookie, limit)?;
+        set_sndbuf(dst, self.sockmap.backlog.sndbuf())?;
+        self.arm_socket(cookie, src)?;
+        self.rearms.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn cookie(&self, dir: Dir) -> u64 {
+        match dir {
+            Dir::Up => self.client,
+            Dir::Down => self.upstream,
+        }
+    }
+
+    fn move_error(&self, e: MoveError, dir: Dir) -> (End, Option<String>) {
+        let (src, dst) = match dir {
             Dir::Up => (
                 (End::ClientReset, "client"),
                 (End::UpstreamReset, "upstream"),
@@ -374,32 +576,68 @@ impl Registration<'_> {
                 (End::ClientReset, "client"),
             ),
         };
-        match result {
-            Ok(Step::Idle) => Ok(false),
-            Ok(Step::Wait) => Ok(true),
-            Err(MoveError::Src(e)) => Err((src_end.0, Some(format!("{}: {e}", src_end.1)))),
-            Err(MoveError::Dst(e)) => Err((dst_end.0, Some(format!("{}: {e}", dst_end.1)))),
+        match e {
+            MoveError::Src(e) => (src.0, Some(format!("{}: {e}", src.1))),
+            MoveError::Dst(e) => (dst.0, Some(format!("{}: {e}", dst.1))),
         }
     }
 
-    fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
-        match self.arm_socket(cookie, sock) {
-            Ok(()) => Ok(true),
-            Err(_) if !established(sock) => Ok(false),
-            Err(e) => Err(e),
+    /// What a spliced direction's run ended with, applied: back to the kernel, or done.
+    /// `Ok(true)`: the direction is finished (FIN forwarded).
+    fn spliced_stopped(
+        &self,
+        movers: &mut Movers,
+        dir: Dir,
+        r: Result<Stop, MoveError>,
+    ) -> Result<bool, (End, Option<String>)> {
+        match r {
+            Ok(Stop::Quiet) => {
+                self.rearm(movers, dir).map_err(|e| {
+                    (
+                        End::Failed,
+                        Some(format!("returning to the kernel path: {e}")),
+                    )
+                })?;
+                Ok(false)
+            }
+            Ok(Stop::Eof) => {
+                movers.take_spliced(dir);
+                Ok(true)
+            }
+            Err(e) => Err(self.move_error(e, dir)),
         }
     }
 
-    /// Starts the verdict program on one socket and runs what it queued so
-    /// far through it (SO_RCVLOWAT makes TCP call data_ready).
-    fn arm_socket(&self, cookie: u64, sock: &TcpStream) -> io::Result<()> {
-        self.sockmap
-            .armed
-            .lock()
-            .expect("armed map lock")
-            .insert(cookie, sock.as_raw_fd(), 0)
-            .map_err(io::Error::other)?;
-        set_rcvlowat(sock.as_raw_fd(), 1)
+    /// Times a direction left the kernel path for splice, and came back.
+    pub fn transitions(&self) -> (u64, u64) {
+        (
+            self.detaches.load(Ordering::Relaxed),
+            self.rearms.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes spliced client → upstream and upstream → client.
+    pub fn spliced_bytes(&self) -> (u64, u64) {
+        (
+            self.spliced.up.load(Ordering::Relaxed),
+            self.spliced.down.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes userspace read and wrote itself (held bytes it moved or relayed, a socket that
+    /// could not be armed, the early bytes), both directions together.
+    pub fn relayed_bytes(&self) -> u64 {
+        self.forwarded_early
+            + self.userspace.up.load(Ordering::Relaxed)
+            + self.userspace.down.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the program redirected client → upstream and upstream → client.
+    pub fn kernel_bytes(&self) -> (u64, u64) {
+        (
+            self.sockmap.redirected(self.client),
+            self.sockmap.redirected(self.upstream),
+        )
     }
 
     /// Times a direction of this tunnel started relaying.
@@ -407,13 +645,17 @@ impl Registration<'_> {
         self.relays.load(Ordering::Relaxed)
     }
 
-    /// Bytes redirected client → upstream and upstream → client.
+    /// Bytes forwarded client → upstream and upstream → client, however they went.
     pub fn bytes(&self) -> (u64, u64) {
+        let (su, sd) = self.spliced_bytes();
         (
             self.forwarded_early
                 + self.sockmap.redirected(self.client)
-                + self.userspace.up.load(Ordering::Relaxed),
-            self.sockmap.redirected(self.upstream) + self.userspace.down.load(Ordering::Relaxed),
+                + self.userspace.up.load(Ordering::Relaxed)
+                + su,
+            self.sockmap.redirected(self.upstream)
+                + self.userspace.down.load(Ordering::Relaxed)
+                + sd,
         )
     }
 }
@@ -452,11 +694,57 @@ struct Movers {
     down: Mover,
     up_moving: bool,
     down_moving: bool,
+    /// A direction off the kernel path, forwarded by splice(2).
+    up_spliced: Option<Spliced>,
+    down_spliced: Option<Spliced>,
     client: RawFd,
     upstream: RawFd,
 }
 
 impl Movers {
+    fn mover(&mut self, dir: Dir) -> &mut Mover {
+        match dir {
+            Dir::Up => &mut self.up,
+            Dir::Down => &mut self.down,
+        }
+    }
+
+    /// (source, destination) of a direction.
+    fn fds(&self, dir: Dir) -> (RawFd, RawFd) {
+        match dir {
+            Dir::Up => (self.client, self.upstream),
+            Dir::Down => (self.upstream, self.client),
+        }
+    }
+
+    fn set_moving(&mut self, dir: Dir, moving: bool) {
+        match dir {
+            Dir::Up => self.up_moving = moving,
+            Dir::Down => self.down_moving = moving,
+        }
+    }
+
+    fn spliced(&self, dir: Dir) -> Option<&Spliced> {
+        match dir {
+            Dir::Up => self.up_spliced.as_ref(),
+            Dir::Down => self.down_spliced.as_ref(),
+        }
+    }
+
+    fn set_spliced(&mut self, dir: Dir, sp: Option<Spliced>) {
+        match dir {
+            Dir::Up => self.up_spliced = sp,
+            Dir::Down => self.down_spliced = sp,
+        }
+    }
+
+    fn take_spliced(&mut self, dir: Dir) -> Option<Spliced> {
+        match dir {
+            Dir::Up => self.up_spliced.take(),
+            Dir::Down => self.down_spliced.take(),
+        }
+    }
+
     /// Moves what one direction can now (after a wake-up or a tick).
     fn step(&mut self, reg: &Registration<'_>, dir: Dir) -> Result<(), (End, Option<String>)> {
         let (c, u) = (self.client, self.upstream);
@@ -495,6 +783,24 @@ impl Movers {
             self.step(reg, Dir::Down)?;
         }
         Ok(())
+    }
+}
+
+/// Runs a spliced direction until it stops; never, for one on the kernel path.
+async fn spliced_run(
+    sp: &mut Option<Spliced>,
+    backlog: Backlog,
+    spliced: &Progress,
+    dir: Dir,
+) -> Result<Stop, MoveError> {
+    match sp {
+        Some(sp) => {
+            sp.run(SPLICE_QUIET, backlog.soft().max(1), |n| {
+                spliced.add(dir.into(), n)
+            })
+            .await
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -646,32 +952,44 @@ impl Registration<'_> {
         let mut movers = self.movers(client.as_raw_fd(), upstream.as_raw_fd());
         while !(up_done && down_done) {
             tokio::select! {
-                ev = next_event(client), if !up_done && self.client_armed => match ev {
+                ev = next_event(client), if !up_done && self.client_armed && movers.up_spliced.is_none() => match ev {
                     Event::Reset(e) => return (End::ClientReset, Some(format!("client: {e}"))),
                     Event::Fin => {
-                        if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up, &mut movers.up).await {
+                        if let Err(end) = self.drain(client, self.client, upstream, Dir::Up, &mut movers.up).await {
                             return end;
                         }
                         up_done = true;
                     }
                 },
-                ev = next_event(upstream), if !down_done && self.upstream_armed => match ev {
+                ev = next_event(upstream), if !down_done && self.upstream_armed && movers.down_spliced.is_none() => match ev {
                     Event::Reset(e) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
                     Event::Fin => {
-                        if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down, &mut movers.down).await {
+                        if let Err(end) = self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down).await {
                             return end;
                         }
                         down_done = true;
                     }
                 },
                 () = held(&self.up_holds), if !up_done && self.client_armed => {
-                    if let Err(end) = movers.step(self, Dir::Up) {
+                    if let Err(end) = self.advance(&mut movers, Dir::Up).await {
                         return end;
                     }
                 }
+                r = spliced_run(&mut movers.up_spliced, self.sockmap.backlog, &self.spliced, Dir::Up), if !up_done => {
+                    match self.spliced_stopped(&mut movers, Dir::Up, r) {
+                        Ok(done) => up_done = done,
+                        Err(end) => return end,
+                    }
+                }
                 () = held(&self.down_holds), if !down_done && self.upstream_armed => {
-                    if let Err(end) = movers.step(self, Dir::Down) {
+                    if let Err(end) = self.advance(&mut movers, Dir::Down).await {
                         return end;
+                    }
+                }
+                r = spliced_run(&mut movers.down_spliced, self.sockmap.backlog, &self.spliced, Dir::Down), if !down_done => {
+                    match self.spliced_stopped(&mut movers, Dir::Down, r) {
+                        Ok(done) => down_done = done,
+                        Err(end) => return end,
                     }
                 }
                 () = tokio::time::sleep(HOLD_TICK), if movers.busy(up_done, down_done) => {
@@ -707,7 +1025,6 @@ impl Registration<'_> {
         src: &impl AsFd,
         src_cookie: u64,
         dst: &impl AsFd,
-        dst_base: u64,
         dir: Dir,
         mover: &mut Mover,
     ) -> Result<(), (End, Option<String>)> {
@@ -727,6 +1044,7 @@ impl Registration<'_> {
             wait = (wait * 2).min(Duration::from_millis(20));
         }
         let target = self.sockmap.redirected(src_cookie) + mover.moved();
+        let dst_base = mover.dst_base();
         let mut wait = Duration::from_micros(200);
         loop {
             if let Ok(Some(e)) = dst.take_error() {
@@ -793,13 +1111,25 @@ impl Registration<'_> {
         while !(up_done && down_done) {
             tokio::select! {
                 () = held(&self.up_holds), if !up_done => {
-                    if let Err(end) = movers.step(self, Dir::Up) {
+                    if let Err(end) = self.advance(&mut movers, Dir::Up).await {
                         return end;
                     }
                 }
+                r = spliced_run(&mut movers.up_spliced, self.sockmap.backlog, &self.spliced, Dir::Up), if !up_done => {
+                    match self.spliced_stopped(&mut movers, Dir::Up, r) {
+                        Ok(done) => up_done = done,
+                        Err(end) => return end,
+                    }
+                }
                 () = held(&self.down_holds), if !down_done => {
-                    if let Err(end) = movers.step(self, Dir::Down) {
+                    if let Err(end) = self.advance(&mut movers, Dir::Down).await {
                         return end;
+                    }
+                }
+                r = spliced_run(&mut movers.down_spliced, self.sockmap.backlog, &self.spliced, Dir::Down), if !down_done => {
+                    match self.spliced_stopped(&mut movers, Dir::Down, r) {
+                        Ok(done) => down_done = done,
+                        Err(end) => return end,
                     }
                 }
                 () = tokio::time::sleep(HOLD_TICK), if movers.busy(up_done, down_done) => {
@@ -827,14 +1157,17 @@ impl Registration<'_> {
                             continue;
                         }
                         match side {
+                            // A spliced direction sees its FIN in its own reads.
+                            Side::Client if movers.up_spliced.is_some() => {}
+                            Side::Upstream if movers.down_spliced.is_some() => {}
                             Side::Client if !up_done => {
-                                if let Err(end) = self.drain(client, self.client, upstream, self.base_upstream, Dir::Up, &mut movers.up).await {
+                                if let Err(end) = self.drain(client, self.client, upstream, Dir::Up, &mut movers.up).await {
                                     return end;
                                 }
                                 up_done = true;
                             }
                             Side::Upstream if !down_done => {
-                                if let Err(end) = self.drain(upstream, self.upstream, client, self.base_client, Dir::Down, &mut movers.down).await {
+                                if let Err(end) = self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down).await {
                                     return end;
                                 }
                                 down_done = true;
@@ -1046,6 +1379,13 @@ fn set_buffers(fd: RawFd, backlog: Backlog) -> io::Result<()> {
         .or_else(|_| setsockopt_int(fd, libc::SO_RCVBUF, half(backlog.rcvbuf())))?;
     setsockopt_int(fd, libc::SO_SNDBUFFORCE, half(backlog.sndbuf()))
         .or_else(|_| setsockopt_int(fd, libc::SO_SNDBUF, half(backlog.sndbuf())))
+}
+
+/// The send buffer alone (see [`set_buffers`]), as the kernel counts it (`sk_sndbuf`).
+fn set_sndbuf(fd: RawFd, bytes: u64) -> io::Result<()> {
+    let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
+    setsockopt_int(fd, libc::SO_SNDBUFFORCE, half)
+        .or_else(|_| setsockopt_int(fd, libc::SO_SNDBUF, half))
 }
 
 fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {

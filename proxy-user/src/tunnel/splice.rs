@@ -10,17 +10,17 @@ use tokio::net::TcpStream;
 use super::{Dir, Progress, PumpError, shutdown_write};
 
 /// Pipe capacity asked for; the kernel may grant less (pipe-max-size).
-const PIPE_SIZE: usize = 1024 * 1024;
+pub(super) const PIPE_SIZE: usize = 1024 * 1024;
 
 /// A nonblocking pipe used as the splice buffer of one direction.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
+pub(super) struct Pipe {
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
+    pub(super) capacity: usize,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    pub(super) fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two fds into the array we pass; we check the result.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -51,7 +51,7 @@ impl Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub(super) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both fds are open for the duration of the call; null offsets
     // are required for pipes and sockets.
     let n = unsafe {

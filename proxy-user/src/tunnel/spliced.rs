@@ -1,0 +1,224 @@
+//! One direction of a sockmap tunnel forwarded by splice(2) while its reader is the bottleneck.
+//!
+//! The source socket has left `ARMED` (see `detach.rs`), so the program no longer runs on it and
+//! new bytes wait in its ordinary receive queue, under TCP's own flow control; the reverse
+//! direction stays in the kernel. This moves them source → pipe → peer until the peer has not
+//! been full for a quiet period, then hands back with the pipe empty and the source's queue seen
+//! empty, so the program resumes exactly at the next unread byte.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
+
+use super::holds::MoveError;
+use super::splice::{Pipe, splice};
+
+/// How a spliced direction stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// The peer kept up for the quiet period; pipe empty, source queue seen empty.
+    Quiet,
+    /// The source sent FIN; every byte before it was written and the peer was shut for writing.
+    Eof,
+}
+
+/// The splice(2) state of one direction.
+pub(super) struct Spliced {
+    src: RawFd,
+    dst: RawFd,
+    pipe: Pipe,
+    /// Bytes in the pipe, not yet written to `dst`.
+    in_pipe: usize,
+    /// Source readable, peer writable, edge-triggered, in a private epoll set.
+    ready: AsyncFd<OwnedFd>,
+    /// `queued_total(dst)` to wait for before the first write: every byte the program
+    /// redirected, and userspace moved, before the detach. `None` once reached.
+    worker_target: Option<u64>,
+    /// Bytes written to `dst` so far.
+    written: u64,
+    /// When `dst` last refused bytes (its send buffer, sized to the threshold, was full).
+    pressed: Instant,
+    /// The last read from `src` found its queue empty.
+    src_empty: bool,
+    /// Handing back was refused (the source is no longer ESTABLISHED): splice to the end.
+    to_the_end: bool,
+}
+
+impl Spliced {
+    /// Starts splicing `src` → `dst`; `worker_target` as for [`Spliced::worker_target`].
+    pub(super) fn new(src: RawFd, dst: RawFd, worker_target: u64) -> io::Result<Spliced> {
+        let pipe = Pipe::new()?;
+        let ready = epoll_for(src, dst)?;
+        Ok(Spliced {
+            src,
+            dst,
+            pipe,
+            in_pipe: 0,
+            ready,
+            worker_target: Some(worker_target),
+            written: 0,
+            pressed: Instant::now(),
+            src_empty: false,
+            to_the_end: false,
+        })
+    }
+
+    /// Bytes written to the peer so far.
+    pub(super) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Never hand back: the source cannot rejoin the sockmap.
+    pub(super) fn splice_to_the_end(&mut self) {
+        self.to_the_end = true;
+    }
+
+    /// Forwards until the peer has kept up for `quiet` with at most `max_outq` bytes in its send
+    /// queue, or the source's FIN has been passed on. `progress(n)` counts bytes written.
+    /// Cancel-safe: all state is in `self`, and nothing is read that is not kept.
+    pub(super) async fn run(
+        &mut self,
+        quiet: Duration,
+        max_outq: u64,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Stop, MoveError> {
+        loop {
+            if let Some(target) = self.worker_target {
+                let queued = super::sockmap::queued_total(self.dst).map_err(MoveError::Dst)?;
+                if queued < target {
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                    continue;
+                }
+                self.worker_target = None;
+            }
+            let mut eof = false;
+            loop {
+                while self.in_pipe > 0 {
+                    match splice(self.pipe.read.as_raw_fd(), self.dst, self.in_pipe) {
+                        Ok(n) => {
+                            self.in_pipe -= n;
+                            self.written += n as u64;
+                            progress(n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.pressed = Instant::now();
+                            break;
+                        }
+                        Err(e) => return Err(MoveError::Dst(e)),
+                    }
+                }
+                if self.in_pipe > 0 {
+                    break;
+                }
+                match splice(self.src, self.pipe.write.as_raw_fd(), self.pipe.capacity) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        self.in_pipe = n;
+                        self.src_empty = false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.src_empty = true;
+                        break;
+                    }
+                    Err(e) => return Err(MoveError::Src(e)),
+                }
+            }
+            if eof {
+                socket2::SockRef::from(&borrowed(self.dst))
+                    .shutdown(std::net::Shutdown::Write)
+                    .map_err(MoveError::Dst)?;
+                return Ok(Stop::Eof);
+            }
+            let idle = self.in_pipe == 0 && self.src_empty && !self.to_the_end;
+            if idle && self.pressed.elapsed() >= quiet {
+                if outq(self.dst).map_err(MoveError::Dst)? <= max_outq {
+                    return Ok(Stop::Quiet);
+                }
+                // Quiet, but the peer still has much queued: look again shortly.
+                tokio::select! {
+                    r = self.wait() => r.map_err(MoveError::Src)?,
+                    () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                }
+                continue;
+            }
+            let deadline = self.pressed + quiet;
+            tokio::select! {
+                r = self.wait() => r.map_err(MoveError::Src)?,
+                () = tokio::time::sleep_until(deadline), if idle => {}
+            }
+        }
+    }
+
+    /// Waits until the source is readable or the peer writable (or either has an error).
+    async fn wait(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.ready.readable().await?;
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+            // SAFETY: the epoll fd is open; the buffer holds 2 events; timeout 0 never blocks.
+            let n = unsafe {
+                libc::epoll_wait(self.ready.get_ref().as_raw_fd(), events.as_mut_ptr(), 2, 0)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            guard.clear_ready();
+            if n > 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the tunnel keeps both sockets open for as long as its Spliced lives, and the
+    // borrow is used only within one call.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// Bytes in a socket's send queue not yet acknowledged (`SIOCOUTQ`).
+fn outq(fd: RawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer; fd is an open TCP socket.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// A private epoll set: `src` for input (and its FIN), `dst` for output; edge-triggered.
+fn epoll_for(src: RawFd, dst: RawFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: epoll_create1 returns a new fd or -1.
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a new, open fd owned by nobody else.
+    let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+    for (fd, events) in [
+        (src, libc::EPOLLIN | libc::EPOLLRDHUP),
+        (dst, libc::EPOLLOUT),
+    ] {
+        let mut ev = libc::epoll_event {
+            events: (events | libc::EPOLLET) as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: both fds are open; ev is a valid epoll_event.
+        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd owns it.
+    unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
