@@ -337,7 +337,11 @@ pub fn modes() -> Vec<String> {
     assert!(out.status.success(), "splice-proxy probe failed: {out:?}");
     let modes: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.strip_suffix(" ok").map(String::from))
+        .filter_map(|l| {
+            l.strip_suffix(" ok")
+                .or_else(|| l.split_once(" ok (").map(|(mode, _)| mode))
+                .map(String::from)
+        })
         .collect();
     assert!(
         modes.iter().any(|m| m == "copy") && modes.iter().any(|m| m == "splice"),

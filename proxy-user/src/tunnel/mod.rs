@@ -159,10 +159,30 @@ pub async fn probe_report() -> Vec<String> {
         Err(e) => format!("splice unavailable: {e}"),
     });
     lines.push(match start_sockmap(holds::Backlog::default()).await {
-        Ok(_) => "sockmap ok".into(),
+        Ok(sm) => match (sm.splice_unavailable(), sm.time_walk().await) {
+            (None, Some(t)) => format!(
+                "sockmap ok (reader-bound directions spliced; a detach walk took {:.3} ms \
+                 over {} TCP sockets)",
+                t.as_secs_f64() * 1e3,
+                tcp_sockets().map_or("?".into(), |n| n.to_string())
+            ),
+            (why, _) => format!(
+                "sockmap ok (reader-bound directions relayed: {})",
+                why.unwrap_or("no detach iterator")
+            ),
+        },
         Err(e) => format!("sockmap unavailable: {e}"),
     });
     lines
+}
+
+/// TCP sockets in use in this network namespace (`/proc/net/sockstat`, "TCP: inuse N").
+fn tcp_sockets() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "inuse")?;
+    words.next()?.parse().ok()
 }
 
 /// How a tunnel ended.
