@@ -3,7 +3,9 @@
 //!
 //! Every connection to the sink starts with a one-byte tag that says what the sink does with it:
 //! `S` + u64 length: read exactly that many bytes, answer one byte (so a transfer is complete
-//! without relying on half-close, which squid and tinyproxy do not honour); `E`: echo until EOF;
+//! without relying on half-close, which squid and tinyproxy do not honour); `P` + u64 length +
+//! u64 rate: the same, but read at no more than `rate` bytes/s from a socket with a moderate
+//! receive buffer (readerbound scenario); `E`: echo until EOF;
 //! `H`: hold the connection open (idle tunnels). A connection that sends nothing (handshake
 //! scenario) is closed when the client goes away.
 
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::sys;
+use super::{readerbound, sys};
 
 const CHUNK: usize = 256 * 1024;
 /// Sink connections served at once (the handshake scenario keeps up to one per client open).
@@ -49,14 +51,21 @@ pub struct Sink {
 impl Sink {
     pub fn start() -> Result<Sink> {
         let listener = TcpListener::bind("127.0.0.1:0").context("bind the sink")?;
+        Sink::start_on(listener, ACCEPTORS)
+    }
+
+    /// A sink on `listener` (which may belong to another network namespace), served by
+    /// `acceptors` threads.
+    pub fn start_on(listener: TcpListener, acceptors: usize) -> Result<Sink> {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(Mutex::new(Vec::new()));
         let held_count = Arc::new(AtomicUsize::new(0));
         // A fixed set of threads that each accept and serve one connection at a time: spawning
         // a thread per connection could not keep up with the handshake scenario.
+        let threads = acceptors;
         let mut acceptors = Vec::new();
-        for i in 0..ACCEPTORS {
+        for i in 0..threads {
             let (l, s, h, c) = (
                 listener.try_clone()?,
                 stop.clone(),
@@ -95,7 +104,7 @@ impl Drop for Sink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.release_held();
-        let wake: Vec<_> = (0..ACCEPTORS)
+        let wake: Vec<_> = (0..self.acceptors.len())
             .filter_map(|_| TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).ok())
             .collect();
         for t in self.acceptors.drain(..) {
@@ -152,6 +161,16 @@ fn serve(
             conn.write_all(b"k")?;
             // Wait for the client to close so the tunnel ends from its side.
             let _ = conn.read(&mut buf);
+        }
+        b'P' => {
+            let mut head = [0u8; 16];
+            conn.read_exact(&mut head)?;
+            let len = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+            let rate = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+            sys::set_rcvbuf(&conn, readerbound::RCVBUF)?;
+            readerbound::paced_read(&mut conn, len, rate)?;
+            conn.write_all(b"k")?;
+            let _ = conn.read(&mut [0u8; 64]);
         }
         b'E' => {
             let mut buf = vec![0u8; 64 * 1024];
@@ -263,7 +282,44 @@ pub fn stream(
     streams: usize,
     pid: Option<u32>,
 ) -> Result<StreamResult> {
-    let per = bytes / streams as u64;
+    transfer(ep, sink, bytes / streams as u64, streams, None, pid)
+}
+
+/// `streams` tunnels at once, `per` bytes each, client → a sink that reads each stream at no
+/// more than `rate_per_stream` bytes/s. The clock stops when the sink has counted every byte.
+pub fn paced_stream(
+    ep: &Endpoint,
+    sink: SocketAddr,
+    per: u64,
+    streams: usize,
+    rate_per_stream: u64,
+    pid: Option<u32>,
+) -> Result<StreamResult> {
+    transfer(ep, sink, per, streams, Some(rate_per_stream), pid)
+}
+
+/// The head a transfer starts with: `S` + length, or `P` + length + rate.
+fn transfer_head(per: u64, rate: Option<u64>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(17);
+    match rate {
+        None => head.push(b'S'),
+        Some(_) => head.push(b'P'),
+    }
+    head.extend_from_slice(&per.to_be_bytes());
+    if let Some(r) = rate {
+        head.extend_from_slice(&r.to_be_bytes());
+    }
+    head
+}
+
+fn transfer(
+    ep: &Endpoint,
+    sink: SocketAddr,
+    per: u64,
+    streams: usize,
+    rate: Option<u64>,
+    pid: Option<u32>,
+) -> Result<StreamResult> {
     let conns = (0..streams)
         .map(|_| open(ep, sink))
         .collect::<Result<Vec<_>>>()?;
@@ -272,11 +328,9 @@ pub fn stream(
         .into_iter()
         .map(|mut c| {
             let barrier = barrier.clone();
+            let head = transfer_head(per, rate);
             thread::spawn(move || -> io::Result<()> {
                 let buf = vec![0x5au8; CHUNK];
-                let mut head = [0u8; 9];
-                head[0] = b'S';
-                head[1..].copy_from_slice(&per.to_be_bytes());
                 barrier.wait();
                 c.write_all(&head)?;
                 let mut left = per;

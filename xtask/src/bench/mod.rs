@@ -3,13 +3,17 @@
 //!
 //! Every target is started once; then each round runs every scenario on every target in turn
 //! (interleaved, so drift in the machine's load spreads over all targets alike). Figures are
-//! medians over rounds with min/max, and ratios to `direct` from the same run.
+//! medians over rounds with min/max, and ratios to `direct` from the same run (readerbound and
+//! wan, whose rate is set by a slow reader or a shaped link: CPU per GB against `direct` and
+//! `splice`).
 
 mod load;
+mod readerbound;
 mod report;
 mod rsync;
 mod sys;
 mod targets;
+mod wan;
 
 use std::{
     collections::BTreeMap,
@@ -31,8 +35,20 @@ pub const SCENARIOS: &[&str] = &[
     "pingpong",
     "pingpong16k",
     "rsync",
+    "readerbound",
+    "wan",
     "idle",
 ];
+
+/// What a scenario runs as: itself, or its sub-scenarios (readerbound and wan, one per rate and
+/// stream count), each measured and reported on its own.
+pub fn sub_scenarios(scenario: &'static str) -> Vec<&'static str> {
+    match scenario {
+        "readerbound" => readerbound::SPECS.iter().map(|s| s.name).collect(),
+        "wan" => wan::SPECS.iter().map(|s| s.name).collect(),
+        s => vec![s],
+    }
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct Opts {
@@ -51,11 +67,14 @@ pub struct Opts {
     )]
     pub targets: Vec<String>,
     /// Scenarios, comma-separated: stream1, stream8, stream64, handshake, pingpong, pingpong16k,
-    /// rsync, idle.
+    /// rsync, readerbound (sink reads at 100 MB/s, 300 MB/s, 1 GB/s; 1 and 8 streams), wan
+    /// (client and sink in network namespaces, htb-shaped 1 and 4 Gbit/s link; 1 and 8 streams),
+    /// idle.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "stream1,stream8,stream64,handshake,pingpong,pingpong16k,rsync,idle"
+        default_value = "stream1,stream8,stream64,handshake,pingpong,pingpong16k,rsync,readerbound,\
+                         wan,idle"
     )]
     pub scenarios: Vec<String>,
     /// Rounds (default 3, or 1 with --quick).
@@ -67,6 +86,10 @@ pub struct Opts {
     /// Seconds per handshake and ping-pong measurement (default 3, or 1 with --quick).
     #[arg(long)]
     pub secs: Option<f64>,
+    /// Seconds each readerbound and wan transfer takes at its nominal rate, which sets its size
+    /// (default 4, or 1 with --quick).
+    #[arg(long)]
+    pub shaped_secs: Option<f64>,
     /// Idle tunnels opened at once (default 2000, or 200 with --quick).
     #[arg(long)]
     pub idle_tunnels: Option<usize>,
@@ -95,6 +118,10 @@ impl Opts {
     }
     pub fn dur(&self) -> Duration {
         Duration::from_secs_f64(self.secs.unwrap_or(if self.quick { 1.0 } else { 3.0 }))
+    }
+    pub fn shaped_secs(&self) -> f64 {
+        self.shaped_secs
+            .unwrap_or(if self.quick { 1.0 } else { 4.0 })
     }
     pub fn idle_tunnels(&self) -> usize {
         self.idle_tunnels
@@ -183,6 +210,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     sys::install_signal_handlers();
     sys::raise_nofile();
     targets::sweep_stale();
+    wan::sweep_stale();
     eprintln!(
         "bench: load average at start {} (other work on this machine skews every figure)",
         std::fs::read_to_string("/proc/loadavg")
@@ -202,7 +230,18 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
         .iter()
         .copied()
         .filter(|s| opts.scenarios.iter().any(|x| x == s))
+        .flat_map(sub_scenarios)
         .collect();
+
+    // Before the targets, which listen on its address too; dropped after them.
+    let wan = if scenarios.iter().any(|s| wan::spec(s).is_some()) {
+        eprintln!("bench: wan namespaces, veths, htb shaper");
+        let rig = wan::Rig::start().context("wan scenario set-up")?;
+        eprintln!("bench: wan: {}", rig.describe());
+        Some(rig)
+    } else {
+        None
+    };
 
     let mut rig = if scenarios.contains(&"rsync") {
         let (mib, files) = opts.rsync_tree();
@@ -217,19 +256,23 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     } else {
         None
     };
-    let extra_ports: Vec<u16> = rig.iter().map(|r| r.server_port()).collect();
+    let setup = targets::Setup {
+        dir: &dir.0,
+        sink: sink.addr,
+        proxy_bin,
+        patience: Duration::from_secs(opts.start_timeout),
+        extra_ports: rig
+            .iter()
+            .map(|r| r.server_port())
+            .chain(wan.iter().map(|w| w.sink.addr.port()))
+            .collect(),
+        proxy_args: &opts.proxy_arg,
+        wan: wan.as_ref().map(|w| (w.proxy_ip(), w.sink_net())),
+    };
     let mut running = Vec::new();
     for &name in &names {
         eprintln!("bench: starting {}", targets::label(name));
-        running.push(targets::start(
-            name,
-            &dir.0,
-            sink.addr,
-            proxy_bin,
-            Duration::from_secs(opts.start_timeout),
-            &extra_ports,
-            &opts.proxy_arg,
-        )?);
+        running.push(targets::start(name, &setup)?);
     }
 
     let rounds = opts.rounds();
@@ -247,7 +290,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
         for &scenario in &scenarios {
             for t in running.iter_mut() {
                 progress.show(&format!(
-                    "round {round}/{rounds}  {scenario:<9}  {}",
+                    "round {round}/{rounds}  {scenario:<18}  {}",
                     targets::label(t.name)
                 ));
                 let key = (scenario.to_string(), t.name.to_string());
@@ -266,6 +309,10 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
                         }
                         Some(s)
                     })
+                } else if let Some(spec) = wan::spec(scenario) {
+                    let rig = wan.as_ref().expect("wan rig started");
+                    rig.measure(spec, t, opts.shaped_secs())
+                        .map(|r| Some(stream_sample(&r)))
                 } else {
                     measure(scenario, t, &sink, opts)
                 };
@@ -289,6 +336,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     progress.finish();
     drop(running);
     drop(rig);
+    drop(wan);
 
     let report = Report::new(opts, &names, &scenarios, outcome, proxy_bin);
     let json = opts.json_path();
@@ -303,6 +351,18 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     Ok(report)
 }
 
+/// Gbit/s and CPU per GB of one transfer.
+fn stream_sample(r: &load::StreamResult) -> Sample {
+    let mut s = Sample::new();
+    let gb = r.bytes as f64 / 1e9;
+    s.insert("gbit_s", r.bytes as f64 * 8.0 / r.secs / 1e9);
+    s.insert("total_cpu_s_per_gb", r.total_cpu / gb);
+    if let Some(p) = r.proxy_cpu {
+        s.insert("proxy_cpu_s_per_gb", p / gb);
+    }
+    s
+}
+
 fn measure(
     scenario: &str,
     t: &targets::Running,
@@ -314,12 +374,14 @@ fn measure(
         "stream1" | "stream8" | "stream64" => {
             let n = scenario["stream".len()..].parse().expect("streamN");
             let r = load::stream(&t.endpoint, sink.addr, opts.bytes(), n, t.pid())?;
-            let gb = r.bytes as f64 / 1e9;
-            s.insert("gbit_s", r.bytes as f64 * 8.0 / r.secs / 1e9);
-            s.insert("total_cpu_s_per_gb", r.total_cpu / gb);
-            if let Some(p) = r.proxy_cpu {
-                s.insert("proxy_cpu_s_per_gb", p / gb);
-            }
+            s = stream_sample(&r);
+        }
+        name if readerbound::spec(name).is_some() => {
+            let spec = readerbound::spec(name).expect("readerbound spec");
+            let per = readerbound::bytes_per_stream(spec.rate, spec.streams, opts.shaped_secs());
+            let rate = spec.rate / spec.streams as u64;
+            let r = load::paced_stream(&t.endpoint, sink.addr, per, spec.streams, rate, t.pid())?;
+            s = stream_sample(&r);
         }
         "handshake" => {
             let r = load::handshakes(&t.endpoint, sink.addr, opts.clients, opts.dur())?;
@@ -372,6 +434,7 @@ mod smoke {
             mib: Some(8),
             rsync_mib: Some(4),
             secs: Some(0.2),
+            shaped_secs: Some(0.1),
             idle_tunnels: Some(20),
             clients: 8,
             proxy_arg: Vec::new(),
@@ -389,18 +452,19 @@ mod smoke {
         assert!(json.with_extension("svg").exists());
         let results = v["results"].as_array().expect("results array");
         for t in &targets {
-            for s in SCENARIOS {
-                if *s == "idle" && t == "direct" {
+            for s in SCENARIOS.iter().flat_map(|&s| sub_scenarios(s)) {
+                if s == "idle" && t == "direct" {
                     continue;
                 }
                 let r = results
                     .iter()
-                    .find(|r| r["target"] == t.as_str() && r["scenario"] == *s)
+                    .find(|r| r["target"] == t.as_str() && r["scenario"] == s)
                     .unwrap_or_else(|| panic!("no result for {t} × {s}"));
                 assert!(r["error"].is_null(), "{t} × {s}: {}", r["error"]);
                 let m = r["metrics"].as_object().expect("metrics");
-                let main = match *s {
+                let main = match s {
                     "stream1" | "stream8" | "stream64" | "rsync" => "gbit_s",
+                    s if s.starts_with("readerbound-") || s.starts_with("wan-") => "gbit_s",
                     "handshake" | "pingpong" | "pingpong16k" => "per_s",
                     _ => "tunnels",
                 };

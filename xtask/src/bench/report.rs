@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::{Opts, Outcome, Sample, targets};
+use super::{Opts, Outcome, Sample, readerbound, targets, wan};
 
 /// median, min, max
 #[derive(Clone, Copy)]
@@ -53,12 +53,66 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str, usize)] {
             ("rss_kib_per_tunnel", "proxy RSS KiB/tunnel", 2),
             ("tcp_mem_kib_per_tunnel", "kernel TCP mem KiB/tunnel", 2),
         ],
+        s if is_shaped(s) => &[
+            ("gbit_s", "Gbit/s", 2),
+            ("proxy_cpu_s_per_gb", "proxy CPU s/GB", 2),
+            ("total_cpu_s_per_gb", "total CPU s/GB", 2),
+        ],
         _ => &[],
+    }
+}
+
+/// readerbound and wan sub-scenarios: their CPU figures are compared with both direct and
+/// splice.
+fn is_shaped(scenario: &str) -> bool {
+    readerbound::spec(scenario).is_some() || wan::spec(scenario).is_some()
+}
+
+/// `t / reference`, if both were measured and the reference is not zero.
+pub fn ratio(t: Option<f64>, reference: Option<f64>) -> Option<f64> {
+    let (t, r) = (t?, reference?);
+    (r != 0.0 && r.is_finite() && t.is_finite()).then(|| t / r)
+}
+
+fn streams(n: usize) -> String {
+    if n == 1 {
+        "1 stream".into()
+    } else {
+        format!("{n} parallel streams")
     }
 }
 
 fn title(scenario: &str, opts: &Opts) -> String {
     let mib = opts.bytes() >> 20;
+    if let Some(sp) = readerbound::spec(scenario) {
+        let per = readerbound::bytes_per_stream(sp.rate, sp.streams, opts.shaped_secs());
+        let each = if sp.streams > 1 {
+            format!(
+                " ({:.1} MB/s each)",
+                sp.rate as f64 / sp.streams as f64 / 1e6
+            )
+        } else {
+            String::new()
+        };
+        return format!(
+            "{}, client pushes as fast as it can, sink reads {} MB/s in total{each} in {} KiB \
+             reads, SO_RCVBUF {} KiB; {:.0} MB in total",
+            streams(sp.streams),
+            sp.rate / 1_000_000,
+            readerbound::READ_SIZE / 1024,
+            readerbound::RCVBUF / 1024,
+            (per * sp.streams as u64) as f64 / 1e6
+        );
+    }
+    if let Some(sp) = wan::spec(scenario) {
+        return format!(
+            "{}, client netns → target (root netns) → veth shaped by htb to {} Gbit/s → sink \
+             netns; {:.0} MB in total (direct: forwarded by the root netns)",
+            streams(sp.streams),
+            sp.bits / 1_000_000_000,
+            wan::total_bytes(sp.bits, sp.streams, opts.shaped_secs()) as f64 / 1e6
+        );
+    }
     match scenario {
         "stream1" => format!("1 stream, {mib} MiB client → sink"),
         "stream8" => format!("8 parallel streams, {mib} MiB in total"),
@@ -121,6 +175,15 @@ impl Report {
                 "seconds_per_timed_scenario": opts.dur().as_secs_f64(),
                 "idle_tunnels": opts.idle_tunnels(),
                 "handshake_clients": opts.clients,
+                "shaped_seconds": opts.shaped_secs(),
+                "readerbound": {
+                    "read_size": readerbound::READ_SIZE,
+                    "so_rcvbuf": readerbound::RCVBUF,
+                    "burst": readerbound::BURST,
+                    "rate_is": "sink's total bytes/s (1e6 = MB), split evenly over the streams",
+                },
+                "wan": "client netns -> target in root netns -> veth with htb root qdisc \
+                        (rate = ceil) -> sink netns; direct is forwarded by the root netns",
             }),
         }
     }
@@ -152,10 +215,27 @@ impl Report {
         }
     }
 
+    /// The ratio columns after a metric's column. readerbound and wan: CPU figures against
+    /// direct and splice (those of them in the run), none for Gbit/s (the rate is set by the
+    /// sink or the link). Other scenarios: every metric against `reference`.
+    fn ratio_refs(&self, scenario: &str, metric: &str) -> Vec<&'static str> {
+        if is_shaped(scenario) {
+            if metric == "gbit_s" {
+                return Vec::new();
+            }
+            return ["direct", "splice"]
+                .into_iter()
+                .filter(|r| self.targets.contains(r))
+                .collect();
+        }
+        vec![self.reference(scenario)]
+    }
+
     fn vs(&self, reference: &str, scenario: &str, target: &str, metric: &str) -> Option<f64> {
-        let d = self.stat(scenario, reference, metric)?.median;
-        let t = self.stat(scenario, target, metric)?.median;
-        (d != 0.0).then(|| t / d)
+        ratio(
+            self.stat(scenario, target, metric).map(|s| s.median),
+            self.stat(scenario, reference, metric).map(|s| s.median),
+        )
     }
 
     fn error(&self, scenario: &str, target: &str) -> Option<&String> {
@@ -177,6 +257,7 @@ impl Report {
                                 "median": st.median, "min": st.min, "max": st.max,
                                 "vs_direct": self.vs("direct", s, t, m),
                                 "vs_squid": self.vs("squid", s, t, m),
+                                "vs_splice": self.vs("splice", s, t, m),
                             }),
                         );
                     }
@@ -265,12 +346,15 @@ impl Report {
         for (i, &s) in self.scenarios.iter().enumerate() {
             let _ = writeln!(out, "\n### {s}: {}\n", self.titles[i]);
             let cols = columns(s);
-            let reference = self.reference(s);
             let mut head = String::from("| target |");
             let mut rule = String::from("|---|");
-            for &(_, name, _) in cols {
-                let _ = write!(head, " {name} | ×{reference} |");
-                rule.push_str("---:|---:|");
+            for &(m, name, _) in cols {
+                let _ = write!(head, " {name} |");
+                rule.push_str("---:|");
+                for r in self.ratio_refs(s, m) {
+                    let _ = write!(head, " ×{r} |");
+                    rule.push_str("---:|");
+                }
             }
             let _ = writeln!(out, "{head}\n{rule}");
             for &t in &self.targets {
@@ -297,14 +381,25 @@ impl Report {
                         }
                         None => row.push_str(" – |"),
                     }
-                    match self.vs(reference, s, t, m) {
-                        Some(r) if t != reference && m != "errors" && s != "idle" => {
-                            let _ = write!(row, " {r:.2}× |");
+                    for reference in self.ratio_refs(s, m) {
+                        match self.vs(reference, s, t, m) {
+                            Some(r) if t != reference && m != "errors" && s != "idle" => {
+                                let _ = write!(row, " {r:.2}× |");
+                            }
+                            // No proxy process in direct: nothing to compare proxy CPU with.
+                            None if is_shaped(s) && t != reference => row.push_str(" – |"),
+                            _ => row.push_str(" |"),
                         }
-                        _ => row.push_str(" |"),
                     }
                 }
                 let _ = writeln!(out, "{row}");
+            }
+            if is_shaped(s) {
+                out.push_str(
+                    "\nproxy CPU = the proxy process's utime+stime; total CPU = all CPUs \
+                     (/proc/stat, softirq included); per GB = 1e9 bytes moved. direct has no \
+                     proxy process, so its proxy CPU and the proxy CPU ×direct ratio are –.\n",
+                );
             }
         }
         out.push_str(&self.goals());
@@ -442,5 +537,111 @@ impl Report {
             failed.len(),
             failed.join(", ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn opts() -> Opts {
+        Opts {
+            quick: true,
+            json: None,
+            targets: Vec::new(),
+            scenarios: Vec::new(),
+            rounds: Some(1),
+            mib: None,
+            secs: None,
+            shaped_secs: Some(4.0),
+            idle_tunnels: None,
+            rsync_mib: None,
+            clients: 1,
+            proxy_arg: Vec::new(),
+            start_timeout: 1,
+        }
+    }
+
+    fn sample(gbit: f64, proxy: Option<f64>, total: f64) -> Sample {
+        let mut s = Sample::new();
+        s.insert("gbit_s", gbit);
+        s.insert("total_cpu_s_per_gb", total);
+        if let Some(p) = proxy {
+            s.insert("proxy_cpu_s_per_gb", p);
+        }
+        s
+    }
+
+    #[test]
+    fn ratio_arithmetic() {
+        assert_eq!(ratio(Some(3.0), Some(2.0)), Some(1.5));
+        assert_eq!(ratio(Some(3.0), Some(0.0)), None);
+        assert_eq!(ratio(None, Some(2.0)), None);
+        assert_eq!(ratio(Some(1.0), None), None);
+        assert_eq!(ratio(Some(1.0), Some(f64::NAN)), None);
+    }
+
+    #[test]
+    fn shaped_table_compares_cpu_with_direct_and_splice() {
+        let s = "readerbound-300M-8".to_string();
+        let mut samples = BTreeMap::new();
+        // Made-up figures: three rounds each, medians 2.4 / 2.0 / 3.0 total CPU s/GB.
+        samples.insert(
+            (s.clone(), "direct".to_string()),
+            vec![
+                sample(2.4, None, 2.0),
+                sample(2.4, None, 2.2),
+                sample(2.4, None, 1.8),
+            ],
+        );
+        samples.insert(
+            (s.clone(), "splice".to_string()),
+            vec![sample(2.4, Some(0.5), 2.5), sample(2.4, Some(0.5), 2.5)],
+        );
+        samples.insert(
+            (s.clone(), "squid".to_string()),
+            vec![sample(2.3, Some(1.5), 3.0)],
+        );
+        let outcome = Outcome {
+            samples,
+            errors: BTreeMap::new(),
+        };
+        let r = Report::new(
+            &opts(),
+            &["direct", "splice", "squid"],
+            &["readerbound-300M-8"],
+            outcome,
+            std::path::Path::new("/nonexistent"),
+        );
+        assert_eq!(r.vs("direct", &s, "squid", "total_cpu_s_per_gb"), Some(1.5));
+        assert_eq!(r.vs("splice", &s, "squid", "total_cpu_s_per_gb"), Some(1.2));
+        assert_eq!(r.vs("splice", &s, "squid", "proxy_cpu_s_per_gb"), Some(3.0));
+        assert_eq!(r.vs("direct", &s, "squid", "proxy_cpu_s_per_gb"), None);
+        assert!(r.ratio_refs(&s, "gbit_s").is_empty());
+        assert_eq!(r.ratio_refs(&s, "total_cpu_s_per_gb"), ["direct", "splice"]);
+        assert_eq!(r.ratio_refs("stream1", "gbit_s"), ["direct"]);
+
+        let text = r.text();
+        assert!(
+            text.contains(
+                "| target | Gbit/s | proxy CPU s/GB | ×direct | ×splice | total CPU s/GB | \
+                 ×direct | ×splice |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| squid | 2.30 | 1.50 | – | 3.00× | 3.00 | 1.50× | 1.20× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| direct (no proxy) | 2.40 | – | | – | 2.00 (1.80–2.20) | | 0.80× |"),
+            "{text}"
+        );
+        let json = r.json();
+        let squid = &json["results"][2]["metrics"]["total_cpu_s_per_gb"];
+        assert_eq!(squid["vs_direct"], 1.5);
+        assert_eq!(squid["vs_splice"], 1.2);
     }
 }

@@ -2,10 +2,11 @@
 //! outlives it.
 
 use std::{
+    ffi::CString,
     net::TcpStream,
     os::{fd::AsRawFd, unix::process::CommandExt},
     process::Command,
-    sync::atomic::{AtomicI32, Ordering},
+    sync::atomic::{AtomicI32, AtomicPtr, Ordering},
 };
 
 /// Sum of user, nice, system, irq and softirq over all CPUs, in clock ticks (/proc/stat).
@@ -102,6 +103,114 @@ pub fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// SO_RCVBUF (the kernel doubles the value; setting it also turns off receive autotuning).
+pub fn set_rcvbuf(s: &TcpStream, bytes: usize) -> std::io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: valid fd, option value of the right type and size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Moves the calling thread into the network namespace `ns` refers to (threads it spawns
+/// afterwards start there too; sockets it creates stay there).
+pub fn setns_net(ns: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: a valid fd; setns only changes this thread's namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// What the signal handler undoes of the wan scenario's network (Drop undoes it otherwise):
+/// the value to write back to /proc/sys/net/ipv4/ip_forward (-1: none), and files to detach
+/// and remove: the namespace files under /run/netns (the namespaces, their veths with them,
+/// go away once this process has exited and the last of its sockets has finished closing) and
+/// the ip_forward record (umount2 fails harmlessly on a plain file).
+static IP_FORWARD_RESTORE: AtomicI32 = AtomicI32::new(-1);
+static NETNS_PATHS: [AtomicPtr<libc::c_char>; 4] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; 4];
+
+/// Arms the signal-time clean-up of a namespace file (`/run/netns/NAME`) or a plain file.
+pub fn arm_netns_cleanup(path: &str) {
+    let Ok(c) = CString::new(path) else { return };
+    let raw = c.into_raw();
+    for slot in &NETNS_PATHS {
+        if slot
+            .compare_exchange(
+                std::ptr::null_mut(),
+                raw,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            return;
+        }
+    }
+    // SAFETY: `raw` came from into_raw above and was not stored.
+    drop(unsafe { CString::from_raw(raw) });
+}
+
+/// Disarms it (the namespace was removed normally). The string is leaked, not freed: a
+/// signal handler on another thread may be reading it.
+pub fn disarm_netns_cleanup(path: &str) {
+    for slot in &NETNS_PATHS {
+        let p = slot.load(Ordering::SeqCst);
+        // SAFETY: non-null slots hold pointers from CString::into_raw, never freed.
+        if !p.is_null() && unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes() == path.as_bytes() {
+            let _ =
+                slot.compare_exchange(p, std::ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Arms (Some) or disarms (None) the signal-time write-back of ip_forward.
+pub fn arm_ip_forward_restore(value: Option<bool>) {
+    IP_FORWARD_RESTORE.store(value.map_or(-1, i32::from), Ordering::SeqCst);
+}
+
+/// Only async-signal-safe calls: open/write/close, umount2, unlink.
+fn undo_network() {
+    let v = IP_FORWARD_RESTORE.load(Ordering::SeqCst);
+    if v >= 0 {
+        let text: &[u8; 2] = if v == 1 { b"1\n" } else { b"0\n" };
+        // SAFETY: a NUL-terminated literal path and a 2-byte buffer.
+        unsafe {
+            let fd = libc::open(
+                c"/proc/sys/net/ipv4/ip_forward".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, text.as_ptr().cast(), 2);
+                libc::close(fd);
+            }
+        }
+    }
+    for slot in &NETNS_PATHS {
+        let p = slot.load(Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: a NUL-terminated path that is never freed while armed.
+            unsafe {
+                libc::umount2(p, libc::MNT_DETACH);
+                libc::unlink(p);
+            }
+        }
+    }
+}
+
 /// Raises the open-file soft limit to the hard limit (idle tunnels need two fds each here).
 pub fn raise_nofile() {
     let mut r = libc::rlimit {
@@ -160,6 +269,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+    undo_network();
     // SAFETY: _exit is async-signal-safe.
     unsafe { libc::_exit(128 + sig) };
 }

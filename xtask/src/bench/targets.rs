@@ -1,11 +1,12 @@
 //! The things a tunnel can go through: nothing (direct), splice-proxy in one of its modes, squid,
 //! tinyproxy. Each proxy runs in the foreground as a child of the bench, on a random loopback
-//! port, with Basic auth, its files in a temp dir; it is killed on drop, on panic, on Ctrl-C,
+//! port (and the same port on the wan scenario's root-side veth address, when that scenario
+//! runs), with Basic auth, its files in a temp dir; it is killed on drop, on panic, on Ctrl-C,
 //! and (through PR_SET_PDEATHSIG) if the bench itself is killed.
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -116,6 +117,8 @@ impl Drop for Guard {
 pub struct Running {
     pub name: &'static str,
     pub endpoint: Endpoint,
+    /// The endpoint for clients in the wan scenario's client namespace, if it was set up.
+    pub wan_endpoint: Option<Endpoint>,
     guard: Option<Guard>,
 }
 
@@ -172,16 +175,32 @@ fn basic(user: &str, pass: &str) -> String {
     out
 }
 
+/// How every target is started, besides its name.
+pub struct Setup<'a> {
+    pub dir: &'a Path,
+    /// The loopback sink; a CONNECT to it must work before the target counts as started.
+    pub sink: SocketAddr,
+    pub proxy_bin: &'a Path,
+    pub patience: Duration,
+    /// More destination ports CONNECT must be allowed to.
+    pub extra_ports: Vec<u16>,
+    pub proxy_args: &'a [String],
+    /// A second address to listen on (same port), and a destination network to allow, for the
+    /// wan scenario.
+    pub wan: Option<(IpAddr, String)>,
+}
+
 /// Starts `name`, waits until a CONNECT through it to the sink gets a 200 (up to `patience`).
-pub fn start(
-    name: &'static str,
-    dir: &Path,
-    sink: SocketAddr,
-    proxy_bin: &Path,
-    patience: Duration,
-    extra_ports: &[u16],
-    proxy_args: &[String],
-) -> Result<Running> {
+pub fn start(name: &'static str, setup: &Setup) -> Result<Running> {
+    let Setup {
+        dir,
+        sink,
+        proxy_bin,
+        patience,
+        ref extra_ports,
+        proxy_args,
+        ref wan,
+    } = *setup;
     let ports: Vec<u16> = std::iter::once(sink.port())
         .chain(extra_ports.iter().copied())
         .collect();
@@ -189,17 +208,22 @@ pub fn start(
         return Ok(Running {
             name,
             endpoint: Endpoint::Direct,
+            wan_endpoint: wan.as_ref().map(|_| Endpoint::Direct),
             guard: None,
         });
     }
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let wan_addr = wan.as_ref().map(|(ip, _)| SocketAddr::new(*ip, port));
     let log = log_path(dir, name);
     let mut cmd = match name {
         "copy" | "splice" | "sockmap" => {
             let mut c = Command::new(proxy_bin);
-            c.args(["run", "--listen", &addr.to_string(), "--mode", name])
-                .args(["--credentials", &format!("{USER}:{PASS}")])
+            c.args(["run", "--listen", &addr.to_string(), "--mode", name]);
+            if let (Some(a), Some((_, net))) = (wan_addr, wan) {
+                c.args(["--listen", &a.to_string(), "--allow-dst", net]);
+            }
+            c.args(["--credentials", &format!("{USER}:{PASS}")])
                 .args(["--allow-dst", "127.0.0.0/8", "--allow-port", "1-65535"])
                 .args(["--max-tunnels", "100000"])
                 .args(proxy_args)
@@ -208,7 +232,7 @@ pub fn start(
             c
         }
         "squid" => {
-            let conf = squid_conf(dir, port, &ports)?;
+            let conf = squid_conf(dir, port, wan_addr, &ports)?;
             let mut c = Command::new("squid");
             c.args(["-N", "-f"]).arg(conf);
             c
@@ -218,9 +242,12 @@ pub fn start(
             fs::write(
                 &conf,
                 format!(
-                    "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\nTimeout 600\n\
+                    "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\n{}Timeout 600\n\
                      MaxClients 20000\nLogLevel Critical\nBasicAuth {USER} {PASS}\n\
                      DisableViaHeader Yes\n{}",
+                    wan_addr
+                        .map(|a| format!("Listen {}\n", a.ip()))
+                        .unwrap_or_default(),
                     ports
                         .iter()
                         .map(|p| format!("ConnectPort {p}\n"))
@@ -242,6 +269,10 @@ pub fn start(
             addr,
             auth: basic(USER, PASS),
         },
+        wan_endpoint: wan_addr.map(|addr| Endpoint::Proxy {
+            addr,
+            auth: basic(USER, PASS),
+        }),
         guard: Some(guard),
     };
     // Listening first, then one full tunnel (squid's auth helpers start after its port opens).
@@ -268,7 +299,12 @@ pub fn start(
     }
 }
 
-fn squid_conf(dir: &Path, port: u16, connect_ports: &[u16]) -> Result<PathBuf> {
+fn squid_conf(
+    dir: &Path,
+    port: u16,
+    wan: Option<SocketAddr>,
+    connect_ports: &[u16],
+) -> Result<PathBuf> {
     let connect_ports: Vec<String> = connect_ports.iter().map(u16::to_string).collect();
     let connect_ports = connect_ports.join(" ");
     let out = Command::new("openssl")
@@ -295,6 +331,7 @@ fn squid_conf(dir: &Path, port: u16, connect_ports: &[u16]) -> Result<PathBuf> {
         &conf,
         format!(
             "http_port 127.0.0.1:{port}\n\
+             {}\
              pid_filename none\n\
              cache_log {d}/squid-cache.log\n\
              access_log none\n\
@@ -311,6 +348,7 @@ fn squid_conf(dir: &Path, port: u16, connect_ports: &[u16]) -> Result<PathBuf> {
              http_access deny !authed\n\
              http_access allow CONNECT sink_port\n\
              http_access deny all\n",
+            wan.map(|a| format!("http_port {a}\n")).unwrap_or_default(),
             htpasswd.display()
         ),
     )?;
