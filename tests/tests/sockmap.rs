@@ -365,9 +365,13 @@ fn stalled_upstream(overrun: &str, default_secs: u64) {
         "{redirected} bytes redirected + {held} held + {spliced} spliced for {written} sent"
     );
     if overrun == "splice" {
+        // Left the kernel path by splice, or, when the client reached the bound before the
+        // detach walk finished (a busy machine), relayed that episode.
         let detaches = access_field(&line, "detaches").unwrap();
+        let relays = access_field(&line, "relays").unwrap();
+        eprintln!("{detaches} detaches, {relays} relays");
         assert!(
-            detaches >= 1 && spliced > 0.0,
+            (detaches >= 1 && spliced > 0.0) || (relays >= 1 && held > 0.0),
             "a stalled upstream and the direction never left the kernel path: {line}"
         );
     }
