@@ -174,6 +174,26 @@ impl Proxy {
                 );
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // Something listens there, but it may be another test's socket that took the
+                // port between free_port() and our bind: wait for our own "ready" (or, with a
+                // quieter RUST_LOG, a moment without the proxy exiting).
+                let settle = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < settle
+                    && !log
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|l| l.contains("splice-proxy ready"))
+                {
+                    if let Some(status) = child.try_wait()? {
+                        std::thread::sleep(Duration::from_millis(100));
+                        bail!(
+                            "splice-proxy exited early with {status}:\n{}",
+                            log.lock().unwrap().join("\n")
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return Ok(Proxy {
                     child: Some(child),
                     addr,
