@@ -69,7 +69,7 @@ pub struct Opts {
     /// Scenarios, comma-separated: stream1, stream8, stream64, handshake, pingpong, pingpong16k,
     /// rsync, readerbound (sink reads at 100 MB/s, 300 MB/s, 1 GB/s; 1 and 8 streams), wan
     /// (client and sink in network namespaces, htb-shaped 1 and 4 Gbit/s link; 1 and 8 streams),
-    /// idle.
+    /// idle; or one sub-scenario by name, e.g. readerbound-300M-8 or wan-4G.
     #[arg(
         long,
         value_delimiter = ',',
@@ -190,8 +190,17 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
         }
     }
     for s in &opts.scenarios {
-        if !SCENARIOS.contains(&s.as_str()) {
-            bail!("unknown scenario {s:?} (known: {})", SCENARIOS.join(", "));
+        if !SCENARIOS
+            .iter()
+            .copied()
+            .flat_map(sub_scenarios)
+            .any(|k| k == s)
+        {
+            bail!(
+                "unknown scenario {s:?} (known: {}, or one of readerbound's and wan's own, e.g. \
+                 readerbound-300M-8)",
+                SCENARIOS.join(", ")
+            );
         }
     }
     let needs_proxy = opts.targets.iter().any(|t| t != "direct");
@@ -226,11 +235,16 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
         .copied()
         .filter(|t| opts.targets.iter().any(|x| x == t))
         .collect();
+    // A whole scenario runs all of its sub-scenarios; one may also be asked for by its name.
     let scenarios: Vec<&'static str> = SCENARIOS
         .iter()
         .copied()
-        .filter(|s| opts.scenarios.iter().any(|x| x == s))
-        .flat_map(sub_scenarios)
+        .flat_map(|s| {
+            let whole = opts.scenarios.iter().any(|x| x == s);
+            sub_scenarios(s)
+                .into_iter()
+                .filter(move |sub| whole || opts.scenarios.iter().any(|x| x == sub))
+        })
         .collect();
 
     // Before the targets, which listen on its address too; dropped after them.
