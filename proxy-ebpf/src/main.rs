@@ -12,16 +12,16 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_get_socket_cookie, bpf_map_delete_elem, bpf_map_lookup_elem, bpf_probe_read_kernel,
-        bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
+        bpf_seq_write, bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
     },
     macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
 use proxy_ebpf::{
     Counts, DEFAULT_MAX_SOCKETS, DETACH_BEHIND, DETACH_DONE, DETACH_NOT_ARMED, DETACH_PENDING,
-    HOLDS_RING_BYTES, Limit, STATS_INDEX, Stats,
+    HOLDS_RING_BYTES, Limit, STATS_INDEX, Stats, WALK_DONE_BYTES,
 };
 
 /// Source socket cookie -> socket to transmit on. See `proxy_ebpf::PEERS_MAP`.
@@ -47,6 +47,10 @@ static MOVED: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS,
 /// Cookies of sockets that started holding. See `proxy_ebpf::HOLDS_MAP`.
 #[map]
 static HOLDS: RingBuf = RingBuf::with_byte_size(HOLDS_RING_BYTES, 0);
+
+/// Requests of the running walk not answered yet. See `proxy_ebpf::WALK_MAP`.
+#[map]
+static WALK: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Offset of `bytes_acked` in the kernel's `struct tcp_sock`, read by userspace from the kernel's
 /// BTF and set before loading (`proxy_ebpf::TCP_SOCK_BYTES_ACKED`). 0: unknown, never hold.
@@ -333,10 +337,18 @@ fn must_hold(cookie: u64, counts: &Counts, len: u64) -> Bound {
     }
 }
 
+/// `struct bpf_iter_meta`: the walk's output file and its position.
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut c_void,
+    session_id: u64,
+    seq_num: u64,
+}
+
 /// The context of an `iter/tcp` program (`struct bpf_iter__tcp` in the kernel).
 #[repr(C)]
 pub struct TcpIterCtx {
-    meta: *mut c_void,
+    meta: *mut IterMeta,
     /// The socket visited (`struct sock_common *`); NULL once at the end of the walk.
     sk_common: *mut c_void,
     uid: u32,
@@ -373,6 +385,7 @@ pub fn splice_detach(ctx: *mut TcpIterCtx) -> i32 {
     let moved = unsafe { MOVED.get(&cookie) }.copied().unwrap_or(0);
     if held != moved {
         *request = DETACH_BEHIND;
+        answered(ctx);
         return 0;
     }
     let mut key = cookie;
@@ -388,7 +401,31 @@ pub fn splice_detach(ctx: *mut TcpIterCtx) -> i32 {
     } else {
         DETACH_NOT_ARMED
     };
+    answered(ctx);
     0
+}
+
+/// Counts one request of this walk as answered; after the last, ends the walk early.
+#[inline(always)]
+fn answered(ctx: *mut TcpIterCtx) {
+    let Some(left) = WALK.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the map's only slot; walks are run one at a time (userspace serialises them).
+    let left = unsafe { &mut *left };
+    *left = left.saturating_sub(1);
+    if *left != 0 {
+        return;
+    }
+    let done = [0u8; WALK_DONE_BYTES];
+    // SAFETY: meta and its seq_file are the kernel's, valid for this call; done is on the stack.
+    unsafe {
+        bpf_seq_write(
+            (*(*ctx).meta).seq.cast(),
+            done.as_ptr().cast(),
+            WALK_DONE_BYTES as u32,
+        );
+    }
 }
 
 #[inline(always)]

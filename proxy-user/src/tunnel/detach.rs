@@ -8,17 +8,18 @@
 //! `lock_sock` held on each socket it visits, so a delete made there cannot meet a verdict in
 //! progress (docs/kernel-notes.md, "Leaving the kernel path"). The walk visits every TCP socket of
 //! the network namespace, so requests are batched: each walk answers every request made before it
-//! began.
+//! began, and ends as soon as all of them are answered (`WALK` counts them down), so a walk costs
+//! on average half a pass over the established hash rather than all of it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use tokio::sync::{Notify, oneshot};
 
-use crate::ebpf::{DETACH_BEHIND, DETACH_DONE, DETACH_PENDING};
+use crate::ebpf::{DETACH_BEHIND, DETACH_DONE, DETACH_PENDING, WALK_DONE_BYTES};
 
 /// What a walk answered for one socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,18 +50,28 @@ pub struct Detacher {
     stats: Mutex<WalkStats>,
 }
 
-/// What one walk needs: the `DETACH` map and the iterator's link.
+/// What one walk needs: the `DETACH` and `WALK` maps and the iterator's link.
 pub struct Walker {
     requests: HashMap<MapData, u64, u32>,
+    /// Slot 0: requests of the running walk the iterator has not answered yet.
+    left: Array<MapData, u32>,
     link: OwnedFd,
 }
 
 impl Walker {
     /// Attaches the loaded `iter/tcp` program (`prog`) and keeps its link, from which each walk
     /// makes a fresh iterator.
-    pub fn new(requests: HashMap<MapData, u64, u32>, prog: &OwnedFd) -> io::Result<Walker> {
+    pub fn new(
+        requests: HashMap<MapData, u64, u32>,
+        left: Array<MapData, u32>,
+        prog: &OwnedFd,
+    ) -> io::Result<Walker> {
         let link = link_create_iter(prog.as_raw_fd())?;
-        Ok(Walker { requests, link })
+        Ok(Walker {
+            requests,
+            left,
+            link,
+        })
     }
 
     /// Asks for every cookie, walks once, and returns the answers in the same order.
@@ -69,6 +80,12 @@ impl Walker {
             if let Err(e) = self.requests.insert(c, DETACH_PENDING, 0) {
                 return fail_all(cookies, &format!("writing a detach request: {e}"));
             }
+        }
+        let mut distinct = cookies.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if let Err(e) = self.left.set(0, distinct.len() as u32, 0) {
+            return fail_all(cookies, &format!("writing the walk's request count: {e}"));
         }
         let walked = walk(self.link.as_raw_fd());
         cookies
@@ -137,10 +154,19 @@ impl Detacher {
             let started = Instant::now();
             // The walk takes every TCP socket's lock in turn and may sleep on one that a
             // system call owns: off the runtime's threads.
-            let answers =
-                tokio::task::spawn_blocking(move || w.lock().expect("walker").answer(&cookies))
-                    .await
-                    .unwrap_or_default();
+            let n = cookies.len();
+            let answers = tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let a = w.lock().expect("walker").answer(&cookies);
+                tracing::info!(
+                    "XXX walk of {n} took {:?}, started {:?} late",
+                    t.elapsed(),
+                    t - started
+                );
+                a
+            })
+            .await
+            .unwrap_or_default();
             {
                 let mut s = self.stats.lock().expect("walk stats");
                 s.walks += 1;
@@ -174,21 +200,21 @@ fn link_create_iter(prog: RawFd) -> io::Result<OwnedFd> {
     bpf(BPF_LINK_CREATE, &mut attr)
 }
 
-/// One walk: a new iterator from the link, read to its end (the program prints nothing, so one
-/// `read` runs it over every socket).
+/// One walk: a new iterator from the link, read until the program says every request is answered
+/// (it writes `WALK_DONE_BYTES`, and a read of that size returns at the next socket) or the walk
+/// ends (a read of 0). Closing the iterator early releases the sockets it had batched.
 fn walk(link: RawFd) -> io::Result<()> {
     /// `BPF_ITER_CREATE` from include/uapi/linux/bpf.h.
     const BPF_ITER_CREATE: libc::c_long = 33;
     let mut attr = [0u32; 2];
     attr[0] = link as u32;
     let iter = bpf(BPF_ITER_CREATE, &mut attr)?;
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; WALK_DONE_BYTES];
     loop {
-        // SAFETY: iter is an open fd we own; buf is valid for 64 bytes.
+        // SAFETY: iter is an open fd we own; buf is valid for its length.
         let n = unsafe { libc::read(iter.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         match n {
-            0 => return Ok(()),
-            n if n > 0 => continue,
+            n if n >= 0 => return Ok(()),
             _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {

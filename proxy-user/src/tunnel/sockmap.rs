@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::Ebpf;
-use aya::maps::{HashMap, MapData, RingBuf, SockHash};
+use aya::maps::{Array, HashMap, MapData, RingBuf, SockHash};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -39,7 +39,7 @@ use super::spliced::{Spliced, Stop};
 use super::{End, Progress, PumpError};
 use crate::ebpf::{
     self, ARMED_MAP, BYTES_MAP, Counts, DETACH_MAP, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP,
-    Limit, MOVED_MAP, PEERS_MAP,
+    Limit, MOVED_MAP, PEERS_MAP, WALK_MAP,
 };
 
 /// The loaded program and its maps, shared by all tunnels.
@@ -306,7 +306,12 @@ fn start_detacher(
         name: DETACH_MAP,
     })?;
     let requests = HashMap::try_from(map).map_err(|e| map_err(DETACH_MAP, e))?;
-    let walker = Walker::new(requests, &prog)
+    let map = ebpf.take_map(WALK_MAP).ok_or(EbpfError::Missing {
+        kind: "map",
+        name: WALK_MAP,
+    })?;
+    let left = Array::try_from(map).map_err(|e| map_err(WALK_MAP, e))?;
+    let walker = Walker::new(requests, left, &prog)
         .map_err(|e| EbpfError::Unsupported(format!("attaching the TCP iterator: {e}")))?;
     // A walk with nothing asked proves the kernel runs the iterator here.
     walker
@@ -488,10 +493,15 @@ impl Registration<'_> {
         if !movers.mover(dir).wants_detach() {
             return Ok(());
         }
+        let asked = std::time::Instant::now();
         let answer = match &self.sockmap.detacher {
             Some(d) => d.detach(cookie).await,
             None => Answer::Failed("no detach iterator".into()),
         };
+        tracing::debug!(
+            "sockmap: detach of {cookie}: {answer:?} after {:?}",
+            asked.elapsed()
+        );
         let relay_instead = |movers: &mut Movers| {
             let r = movers
                 .mover(dir)
@@ -520,8 +530,12 @@ impl Registration<'_> {
                 }
                 Ok(())
             }
-            // Something was held before the walk reached the socket.
-            Answer::Behind => relay_instead(movers),
+            // Something was held before the walk reached the socket: catch up, then ask again.
+            Answer::Behind => {
+                movers.mover(dir).behind();
+                movers.set_moving(dir, true);
+                Ok(())
+            }
             Answer::NotArmed | Answer::Failed(_) => {
                 if let Answer::Failed(e) = &answer {
                     tracing::warn!("sockmap: {e}; relaying this direction instead");
