@@ -180,9 +180,14 @@ pub fn connect_head(target: &str, extra: &[String]) -> String {
     h
 }
 
-/// An upstream that echoes every byte back and closes after EOF.
+/// An upstream on 127.0.0.1 that echoes every byte back and closes after EOF.
 pub fn echo_upstream() -> Result<Upstream> {
-    Upstream::start_with(|mut s: TcpStream| {
+    echo_upstream_at("127.0.0.1:0".parse().unwrap())
+}
+
+/// Like [`echo_upstream`], listening on `addr` (`[::1]:0` for IPv6).
+pub fn echo_upstream_at(addr: SocketAddr) -> Result<Upstream> {
+    Upstream::start_with_at(addr, |mut s: TcpStream| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
         let mut r = match s.try_clone() {
             Ok(r) => r,
