@@ -632,6 +632,24 @@ mod tests {
     }
 
     #[test]
+    fn http10_host_header_does_not_matter() {
+        for head in [
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\nHost: 10.0.0.1\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\nHost: elsewhere.example:443\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\nHost: \r\n\r\n",
+        ] {
+            let (req, _) = parse(head).unwrap().unwrap();
+            assert_eq!(req.target.to_string(), "10.0.0.1:6443", "{head:?}");
+        }
+        let (req, _) = parse("CONNECT fd00::5:31234 HTTP/1.0\r\nHost: fd00::5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.target.to_string(), "[fd00::5]:31234");
+    }
+
+    #[test]
     fn responses() {
         assert_eq!(
             Status::Established.response(),

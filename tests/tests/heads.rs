@@ -11,6 +11,9 @@
 //! - obs-fold continuation lines, NUL bytes, a space before a header's
 //!   colon, doubled spaces in the request line: 400;
 //! - HTTP/1.0 and 1.1 only: 2.0, 1.2 or garbage versions are 400;
+//! - the request line decides where a tunnel goes: `Host` is never read, so
+//!   a head without one, with one that lacks the port, or with one naming
+//!   another host is a tunnel to the request line's target (1.0 and 1.1);
 //! - methods are case-sensitive: `connect` is 405, like GET in absolute form;
 //! - the target is `host:port` with a port of 1-65535 in plain digits, and
 //!   the host an IPv4 literal, a bracketed IPv6 literal or a name of ASCII
@@ -176,6 +179,40 @@ fn rows(t: &str, t6: &str) -> Vec<Row> {
         s(format!(
             "CONNECT {t} HTTP/1.1\r\nHost: elsewhere.example:443\r\n\r\n"
         )),
+        Tunnel,
+    );
+    row(
+        "Host without the port",
+        Anon,
+        s(format!("CONNECT {t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, Host without the port",
+        Anon,
+        s(format!("CONNECT {t} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, Host differs from the target",
+        Anon,
+        s(format!(
+            "CONNECT {t} HTTP/1.0\r\nHost: elsewhere.example:443\r\n\r\n"
+        )),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, Host without the port, with credentials",
+        Auth,
+        s(format!(
+            "CONNECT {t} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n\r\n"
+        )),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, unbracketed IPv6, Host without the port",
+        Anon,
+        s(format!("CONNECT ::1:{port6} HTTP/1.0\r\nHost: ::1\r\n\r\n")),
         Tunnel,
     );
     row(

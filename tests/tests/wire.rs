@@ -573,7 +573,7 @@ fn stunnel_style_head_one_line_per_segment() {
 }
 
 #[test]
-fn http10_without_host_is_accepted() {
+fn http10_without_host_or_with_another_is_accepted() {
     let up = echo_upstream().unwrap();
     let proxy = anon_proxy(&[]);
     let mut s = assert_200(
@@ -581,6 +581,15 @@ fn http10_without_host_is_accepted() {
         format!("CONNECT {} HTTP/1.0\r\n\r\n", up.target()).as_bytes(),
     );
     echo_roundtrip(&mut s, b"http/1.0");
+    // HTTP/1.0 with a Host that lacks the port, or names another host:
+    // the request line decides.
+    for host in ["127.0.0.1", "elsewhere.example:443"] {
+        let mut s = assert_200(
+            &proxy,
+            format!("CONNECT {} HTTP/1.0\r\nHost: {host}\r\n\r\n", up.target()).as_bytes(),
+        );
+        echo_roundtrip(&mut s, host.as_bytes());
+    }
     // And HTTP/1.1 without Host (curl and socat differ here).
     let mut s = assert_200(
         &proxy,
