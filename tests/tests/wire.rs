@@ -234,21 +234,9 @@ fn missing_port_gets_400() {
     }
 }
 
-/// The access-log events (`tunnel` lines) that contain every one of `needles`,
-/// once at least `n` have been logged (within 5 s).
+/// `proxy`'s access-log events with every one of `needles`, once `n` are logged (5 s at most).
 fn access_lines(proxy: &Proxy, needles: &[&str], n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let lines: Vec<String> = proxy
-            .log()
-            .into_iter()
-            .filter(|l| l.contains(" tunnel ") && needles.iter().all(|n| l.contains(n)))
-            .collect();
-        if lines.len() >= n || Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proxy.access_events(needles, n, Duration::from_secs(5))
 }
 
 #[test]
