@@ -79,3 +79,4 @@ stunnel_capture() {
 }
 stunnel_capture stunnel-auth route.example:443 'mig:s3cr:et'
 stunnel_capture stunnel-noauth 192.0.2.10:6443 ''
+stunnel_capture stunnel-ipv6-nodeport 'fd00::5:31234' 'mig:s3cr:et'

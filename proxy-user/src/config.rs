@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cidr::IpNet;
 use crate::policy::{DstPattern, PortSet};
 use crate::tunnel::holds::{Backlog, Overrun};
 
@@ -75,6 +76,11 @@ pub struct RunArgs {
     /// listener without --credentials, --credentials-file or --htpasswd.
     #[arg(long = "allow-anonymous")]
     pub allow_anonymous: bool,
+
+    /// Client network allowed to connect (repeatable): CIDR or address.
+    /// Others get 403 before their head is read. Default: every address.
+    #[arg(long = "allow-src", value_name = "CIDR", value_parser = parse_src)]
+    pub allow_src: Vec<IpNet>,
 
     /// Allowed destination (repeatable): host, *.suffix, IP or CIDR.
     /// Default: any host, except loopback, link-local and unspecified
@@ -159,6 +165,8 @@ pub struct Config {
     /// Tunnels without credentials are accepted: `--allow-anonymous`, or no
     /// credentials configured at all (allowed on loopback listeners only).
     pub allow_anonymous: bool,
+    /// Client networks admitted; empty: every address.
+    pub allow_src: Vec<IpNet>,
     pub allow_dst: Vec<DstPattern>,
     pub allow_port: PortSet,
     pub mode: ModeArg,
@@ -197,7 +205,7 @@ impl RunArgs {
         if !has_credentials && !self.allow_anonymous {
             if let Some(public) = listen.iter().find(|a| !a.ip().is_loopback()) {
                 return Err(ConfigError(format!(
-                    "--listen {public}: a non-loopback listener needs --credentials, --credentials-file or --htpasswd (or --allow-anonymous to run an open proxy)"
+                    "--listen {public}: a non-loopback listener needs --credentials, --credentials-file or --htpasswd (or --allow-anonymous, with --allow-src for the client networks that may use it)"
                 )));
             }
         }
@@ -229,6 +237,7 @@ impl RunArgs {
             credentials_file: self.credentials_file,
             htpasswd: self.htpasswd,
             allow_anonymous: self.allow_anonymous || !has_credentials,
+            allow_src: self.allow_src,
             allow_dst: self.allow_dst,
             allow_port,
             mode: self.mode,
@@ -244,6 +253,23 @@ impl RunArgs {
             log_format: self.log_format,
             metrics_listen: self.metrics_listen,
         })
+    }
+}
+
+impl Config {
+    /// A warning when anonymous tunnels are open to every address that can
+    /// reach a non-loopback listener; `None` when `--allow-src` says who may
+    /// connect (anonymous by source network is a real mode: stunnel with
+    /// empty credentials sends no Proxy-Authorization at all).
+    pub fn open_proxy_warning(&self) -> Option<String> {
+        if !self.allow_anonymous || !self.allow_src.is_empty() {
+            return None;
+        }
+        let public = self.listen.iter().find(|a| !a.ip().is_loopback())?;
+        Some(format!(
+            "--listen {public}: anonymous tunnels from any client address (an open proxy); \
+             --allow-src limits who may connect"
+        ))
     }
 }
 
@@ -263,6 +289,10 @@ fn parse_credentials(s: &str) -> Result<(String, String), String> {
         return Err("the password is empty".into());
     }
     Ok((user.to_string(), pass.to_string()))
+}
+
+fn parse_src(s: &str) -> Result<IpNet, String> {
+    IpNet::parse(s.trim()).map_err(|e| e.to_string())
 }
 
 fn parse_dst(s: &str) -> Result<DstPattern, String> {
@@ -438,6 +468,44 @@ mod tests {
     }
 
     #[test]
+    fn allow_src_networks_and_anonymous_by_source() {
+        let c = run_args(&["--allow-src", "10.0.0.0/8", "--allow-src", "fd00::/8"]).unwrap();
+        assert_eq!(
+            c.allow_src,
+            [
+                IpNet::parse("10.0.0.0/8").unwrap(),
+                IpNet::parse("fd00::/8").unwrap()
+            ]
+        );
+        assert!(run_args(&[]).unwrap().allow_src.is_empty());
+        // Anonymous on a non-loopback listener: --allow-anonymous is all it
+        // takes; without --allow-src it starts with a warning, with it none.
+        let open = run_args(&["--listen", "0.0.0.0:3128", "--allow-anonymous"]).unwrap();
+        let warning = open.open_proxy_warning().unwrap();
+        assert!(
+            warning.contains("--listen 0.0.0.0:3128") && warning.contains("--allow-src"),
+            "{warning}"
+        );
+        let by_source = run_args(&[
+            "--listen",
+            "0.0.0.0:3128",
+            "--allow-anonymous",
+            "--allow-src",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        assert!(by_source.allow_anonymous);
+        assert_eq!(by_source.open_proxy_warning(), None);
+        // --allow-src alone is not consent to anonymous tunnels.
+        let e = run_args(&["--listen", "0.0.0.0:3128", "--allow-src", "10.0.0.0/8"]).unwrap_err();
+        assert!(e.contains("--allow-anonymous"), "{e}");
+        // No warning on loopback, nor with credentials only.
+        assert_eq!(run_args(&[]).unwrap().open_proxy_warning(), None);
+        let creds = run_args(&["--listen", "0.0.0.0:3128", "--credentials", "a:b"]).unwrap();
+        assert_eq!(creds.open_proxy_warning(), None);
+    }
+
+    #[test]
     fn bad_values_name_their_flag() {
         for (args, flag) in [
             (&["--allow-port", "0"][..], "--allow-port"),
@@ -453,6 +521,9 @@ mod tests {
             (&["--auth-fail-delay", "soon"][..], "--auth-fail-delay"),
             (&["--auth-fail-delay", "2h"][..], "--auth-fail-delay"),
             (&["--allow-dst", "10.0.0.0/33"][..], "--allow-dst"),
+            (&["--allow-src", "10.0.0.0/33"][..], "--allow-src"),
+            (&["--allow-src", "example.com"][..], "--allow-src"),
+            (&["--allow-src", "*.example.com"][..], "--allow-src"),
             (&["--htpasswd", "/nonexistent/htpasswd"][..], "--htpasswd"),
             (
                 &["--credentials-file", "/nonexistent/creds"][..],

@@ -9,6 +9,7 @@ pub mod accept_backoff;
 pub mod access_log;
 pub mod auth;
 pub mod btf;
+pub mod cidr;
 pub mod config;
 pub mod credentials;
 pub mod ebpf;

@@ -1,8 +1,9 @@
-//! Abuse limits on the connection path: how many handshakes may be in
-//! progress at once, how many connections one client address may hold, and
-//! how long a `407` waits after repeated authentication failures from one
-//! address. `server.rs` asks [`Limits::admit`] right after accept and holds
-//! the [`Admission`] while the connection lives.
+//! Admission and abuse limits on the connection path: which client
+//! addresses may connect at all (`--allow-src`), how many handshakes may be
+//! in progress at once, how many connections one client address may hold,
+//! and how long a `407` waits after repeated authentication failures from
+//! one address. `server.rs` asks [`Limits::admit`] right after accept and
+//! holds the [`Admission`] while the connection lives.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,10 +12,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Which limit refused a connection (the `limit` label of
-/// `splice_proxy_limit_rejections_total`).
+use crate::cidr::IpNet;
+use crate::request::Status;
+
+/// Which limit refused a connection at accept, before its head was read
+/// (the `limit` label of `splice_proxy_limit_rejections_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
+    /// `--allow-src`: the client address is in none of the networks.
+    Source,
     /// `--max-handshakes`: too many handshakes in progress.
     Handshakes,
     /// `--max-conns-per-ip`: this client address holds too many connections.
@@ -22,10 +28,11 @@ pub enum Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 2] = [Limit::Handshakes, Limit::PerIp];
+    pub const ALL: [Limit; 3] = [Limit::Source, Limit::Handshakes, Limit::PerIp];
 
     pub fn label(self) -> &'static str {
         match self {
+            Limit::Source => "allow_src",
             Limit::Handshakes => "handshakes",
             Limit::PerIp => "per_ip",
         }
@@ -33,14 +40,34 @@ impl Limit {
 
     pub fn flag(self) -> &'static str {
         match self {
+            Limit::Source => "--allow-src",
             Limit::Handshakes => "--max-handshakes",
             Limit::PerIp => "--max-conns-per-ip",
+        }
+    }
+
+    /// The answer: a client that may not connect at all is `403`; one over
+    /// a capacity limit `503` (it may try again later).
+    pub fn status(self) -> Status {
+        match self {
+            Limit::Source => Status::Forbidden,
+            Limit::Handshakes | Limit::PerIp => Status::Unavailable,
+        }
+    }
+
+    /// Why, for the access log.
+    pub fn reason(self) -> String {
+        match self {
+            Limit::Source => format!("client address not in {}", self.flag()),
+            Limit::Handshakes | Limit::PerIp => format!("at {}", self.flag()),
         }
     }
 }
 
 /// The limits, shared by every connection.
 pub struct Limits {
+    /// `--allow-src`; empty: every address.
+    allow_src: Vec<IpNet>,
     handshakes: Arc<Semaphore>,
     per_ip: Option<Arc<PerIp>>,
     auth_failures: Option<Mutex<AuthFailures>>,
@@ -108,6 +135,7 @@ impl Limits {
         auth_fail_delay: Duration,
     ) -> Limits {
         Limits {
+            allow_src: Vec::new(),
             auth_failures: (!auth_fail_delay.is_zero())
                 .then(|| Mutex::new(AuthFailures::new(auth_fail_delay))),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
@@ -120,9 +148,22 @@ impl Limits {
         }
     }
 
+    /// Admits connections only from addresses in one of `nets` (none: from
+    /// every address).
+    pub fn with_allow_src(self, nets: Vec<IpNet>) -> Limits {
+        Limits {
+            allow_src: nets,
+            ..self
+        }
+    }
+
     /// Admits a new connection from `ip`, or says which limit it is over.
-    /// IPv4-mapped IPv6 addresses count as their IPv4 address.
+    /// IPv4-mapped IPv6 addresses count as their IPv4 address. A source
+    /// that is not allowed takes no slot of the other limits.
     pub fn admit(&self, ip: IpAddr) -> Result<Admission, Limit> {
+        if !self.allow_src.is_empty() && !self.allow_src.iter().any(|net| net.contains(ip)) {
+            return Err(Limit::Source);
+        }
         let per_ip = match &self.per_ip {
             Some(t) => Some(t.take(ip.to_canonical()).ok_or(Limit::PerIp)?),
             None => None,
@@ -292,6 +333,35 @@ mod tests {
         assert_eq!(limits.admit(A).err(), Some(Limit::PerIp));
         drop(a);
         let _b = limits.admit(B).unwrap();
+    }
+
+    #[test]
+    fn allow_src_admits_listed_networks_only_and_takes_no_slot() {
+        let nets = ["192.0.2.1/32", "2001:db8::/32"]
+            .map(|n| IpNet::parse(n).unwrap())
+            .to_vec();
+        let limits = Limits::new(1, 1, Duration::ZERO).with_allow_src(nets);
+        // The one handshake slot is taken: an outsider still gets its 403
+        // (the source is checked first), not a 503.
+        let held = limits.admit(A).unwrap();
+        for outsider in ["192.0.2.2", "::ffff:192.0.2.2", "2001:db9::1", "::1"] {
+            let ip: IpAddr = outsider.parse().unwrap();
+            assert_eq!(limits.admit(ip).err(), Some(Limit::Source), "{outsider}");
+        }
+        assert_eq!(limits.admit(A).err(), Some(Limit::PerIp));
+        drop(held);
+        // The IPv4-mapped form of a listed address is that address.
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let a = limits.admit(mapped).unwrap();
+        drop(a);
+        let _v6 = limits.admit("2001:db8::7".parse().unwrap()).unwrap();
+        // Without --allow-src every address is admitted.
+        let open = Limits::new(10, 0, Duration::ZERO);
+        let _b = open.admit(B).unwrap();
+        assert_eq!(Limit::Source.status(), Status::Forbidden);
+        assert_eq!(Limit::PerIp.status(), Status::Unavailable);
+        assert_eq!(Limit::Source.reason(), "client address not in --allow-src");
+        assert_eq!(Limit::Handshakes.reason(), "at --max-handshakes");
     }
 
     #[test]

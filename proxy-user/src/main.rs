@@ -147,6 +147,9 @@ async fn serve(
     if let Some(why) = &selection.fallback_warning {
         tracing::warn!("{why}");
     }
+    if let Some(open) = cfg.open_proxy_warning() {
+        tracing::warn!("{open}");
+    }
     let connector = Connector {
         resolver: Arc::new(SystemResolver),
         timeout: cfg.connect_timeout,
@@ -176,6 +179,7 @@ async fn serve(
         metrics = ?cfg.metrics_listen,
         mode = %mode,
         users = auth_summary(&cfg),
+        allow_src = src_summary(&cfg),
         "splice-proxy ready"
     );
     server::serve(proxy, listeners, stop, cfg.shutdown_grace).await;
@@ -198,6 +202,15 @@ fn auth_summary(cfg: &Config) -> String {
         parts.push("anonymous allowed".into());
     }
     parts.join(", ")
+}
+
+/// The client networks admitted, for the ready line.
+fn src_summary(cfg: &Config) -> String {
+    if cfg.allow_src.is_empty() {
+        return "any".into();
+    }
+    let nets: Vec<String> = cfg.allow_src.iter().map(ToString::to_string).collect();
+    nets.join(", ")
 }
 
 /// SIGTERM/SIGINT start the drain (SIGHUP is [`reload`]'s).

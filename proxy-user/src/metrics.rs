@@ -209,7 +209,9 @@ impl Metrics {
         );
         registry.register(
             "splice_proxy_limit_rejections",
-            "Connections answered 503 at accept because a limit was reached, by limit",
+            "Connections refused at accept, before their head was read, by limit: 503 at \
+             handshakes (--max-handshakes) or per_ip (--max-conns-per-ip), 403 at allow_src \
+             (the client address is not in --allow-src)",
             m.limit_rejections.clone(),
         );
         registry.register(

@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
+use crate::cidr::{CidrError, IpNet, canonical};
 use crate::request::{Host, Target};
 
 /// One `--allow-dst` pattern.
@@ -23,54 +24,6 @@ pub enum DstPattern {
     Net(IpNet),
 }
 
-/// An IP network: an address and a prefix length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    /// A network inside `::ffff:0:0/96` is the IPv4 network it maps
-    /// (`::ffff:10.0.0.0/104` is `10.0.0.0/8`), since addresses are compared
-    /// in their IPv4 form. Any other IPv6 network, `::/0` included, holds no
-    /// IPv4 address.
-    fn new(addr: IpAddr, prefix: u8) -> IpNet {
-        match (canonical(addr), addr) {
-            (IpAddr::V4(v4), IpAddr::V6(_)) if prefix >= 96 => IpNet {
-                addr: IpAddr::V4(v4),
-                prefix: prefix - 96,
-            },
-            _ => IpNet { addr, prefix },
-        }
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// `::ffff:a.b.c.d` is the IPv4 address a.b.c.d for every decision here.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
-    }
-}
-
 /// Lower case, without one trailing dot: the form names are compared in.
 pub fn normalize_name(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
@@ -82,22 +35,12 @@ impl DstPattern {
         if s.is_empty() {
             return Err("empty pattern".into());
         }
-        if let Some((addr, prefix)) = s.split_once('/') {
-            let addr: IpAddr = addr
-                .parse()
-                .map_err(|_| format!("{s:?}: not an IP network (expected e.g. 10.0.0.0/8)"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let prefix: u8 = prefix
-                .parse()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0-{max}"))?;
-            return Ok(DstPattern::Net(IpNet::new(addr, prefix)));
-        }
+        // A network, or an address (bracketed or not) as a network of one.
         let bare = s.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = bare.parse::<IpAddr>() {
-            let prefix = if ip.is_ipv4() { 32 } else { 128 };
-            return Ok(DstPattern::Net(IpNet::new(ip, prefix)));
+        match IpNet::parse(if s.contains('/') { s } else { bare }) {
+            Ok(net) => return Ok(DstPattern::Net(net)),
+            Err(CidrError::NotAnAddress(_)) if !s.contains('/') => {}
+            Err(e) => return Err(e.to_string()),
         }
         let (suffix, name) = match s.strip_prefix("*.") {
             Some(rest) => (true, rest),
@@ -139,7 +82,7 @@ impl fmt::Display for DstPattern {
         match self {
             DstPattern::Name(n) => write!(f, "{n}"),
             DstPattern::Suffix(s) => write!(f, "*.{s}"),
-            DstPattern::Net(n) => write!(f, "{}/{}", n.addr, n.prefix),
+            DstPattern::Net(n) => write!(f, "{n}"),
         }
     }
 }

@@ -23,7 +23,7 @@ pub struct Target {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
-    /// An address literal (`1.2.3.4`, `[::1]`).
+    /// An address literal (`1.2.3.4`, `[::1]`, or `::1` without brackets).
     Ip(IpAddr),
     /// A host name, lower case, without a trailing dot.
     Name(String),
@@ -248,13 +248,23 @@ pub enum AuthorityError {
     MissingPort,
     #[error("invalid port {0:?}")]
     BadPort(String),
-    #[error("IPv6 targets must be bracketed: [addr]:port")]
-    UnbracketedV6,
+    /// More than one `:` and no brackets, and not an IPv6 address and a
+    /// port when split at the last `:`.
+    #[error("{0:?} is not <IPv6 address>:<port> split at its last ':'; send [addr]:port")]
+    UnbracketedV6(String),
     #[error("invalid host {0:?}")]
     BadHost(String),
 }
 
-/// Parses an authority-form request target: `host:port`, `1.2.3.4:port`, `[v6]:port`.
+/// Parses an authority-form request target: `host:port`, `1.2.3.4:port`,
+/// `[v6]:port`, or `v6:port` without brackets.
+///
+/// The unbracketed form is what MTC's stunnel template sends on IPv6
+/// clusters (`CONNECT fd00::5:31234`). It is always split at the last `:`:
+/// `1::2:3` is `[1::2]:3`, never the address `1::2:3` without a port (a
+/// CONNECT target without a port is refused anyway). When the part before
+/// that `:` is not an IPv6 address or the part after it not a port, the
+/// error says to send `[addr]:port`.
 pub fn parse_authority(s: &str) -> Result<Target, AuthorityError> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (v6, after) = rest
@@ -266,7 +276,8 @@ pub fn parse_authority(s: &str) -> Result<Target, AuthorityError> {
     } else {
         let (host, port) = s.rsplit_once(':').ok_or(AuthorityError::MissingPort)?;
         if host.contains(':') {
-            return Err(AuthorityError::UnbracketedV6);
+            return parse_unbracketed_v6(host, port)
+                .ok_or_else(|| AuthorityError::UnbracketedV6(s.chars().take(64).collect()));
         }
         // `1.2.3.4.` is the address 1.2.3.4, not a name (it would print
         // as one and resolve to it anyway).
@@ -280,14 +291,27 @@ pub fn parse_authority(s: &str) -> Result<Target, AuthorityError> {
         };
         (host, port)
     };
-    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(AuthorityError::BadPort(port.chars().take(16).collect()));
-    }
-    let port: u16 = match port.parse() {
-        Ok(0) | Err(_) => return Err(AuthorityError::BadPort(port.into())),
-        Ok(p) => p,
-    };
+    let port =
+        parse_port(port).ok_or_else(|| AuthorityError::BadPort(port.chars().take(16).collect()))?;
     Ok(Target { host, port })
+}
+
+/// `v6` and `port`, the two sides of an unbracketed target's last `:`, as
+/// a target; `None` unless they are an IPv6 address and a port.
+fn parse_unbracketed_v6(v6: &str, port: &str) -> Option<Target> {
+    let ip: std::net::Ipv6Addr = v6.parse().ok()?;
+    Some(Target {
+        host: Host::Ip(IpAddr::V6(ip)),
+        port: parse_port(port)?,
+    })
+}
+
+/// 1-65535 in at most five plain decimal digits.
+fn parse_port(port: &str) -> Option<u16> {
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok().filter(|p| *p != 0)
 }
 
 /// Letters, digits, '-', '_' in dot-separated labels of 1-63 bytes, 253 in all;
@@ -480,10 +504,6 @@ mod tests {
             Err(AuthorityError::MissingPort)
         );
         assert_eq!(parse_authority("[::1]"), Err(AuthorityError::MissingPort));
-        assert_eq!(
-            parse_authority("::1:443"),
-            Err(AuthorityError::UnbracketedV6)
-        );
         for bad_port in [
             "a:0", "a:65536", "a:+443", "a:", "a:44 3", "a:0x1bb", "a:000443",
         ] {
@@ -534,6 +554,99 @@ mod tests {
         ] {
             assert!(parse_authority(name).is_ok(), "{name}");
         }
+    }
+
+    #[test]
+    fn unbracketed_ipv6_splits_at_the_last_colon() {
+        let v6 = |s: &str| Host::Ip(s.parse().unwrap());
+        for (text, host, port) in [
+            // MTC's stunnel template on an IPv6 NodePort cluster.
+            ("fd00::5:31234", "fd00::5", 31234),
+            ("::1:443", "::1", 443),
+            ("2001:db8::1:6443", "2001:db8::1", 6443),
+            ("0:0:0:0:0:0:0:1:443", "::1", 443),
+            ("::ffff:10.0.0.1:443", "::ffff:10.0.0.1", 443),
+            ("FD00::A:443", "fd00::a", 443),
+            // Ambiguous: the whole text is also an address (`1::2:3`), but
+            // the last `:` always starts the port.
+            ("1::2:3", "1::2", 3),
+            ("fd00::5:3123", "fd00::5", 3123),
+            // `::` is the unspecified address: parsed, and the policy refuses it.
+            (":::443", "::", 443),
+        ] {
+            let t = parse_authority(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(
+                t,
+                Target {
+                    host: v6(host),
+                    port
+                },
+                "{text}"
+            );
+            // The same target as the bracketed form, and printed as it.
+            assert_eq!(parse_authority(&format!("[{host}]:{port}")), Ok(t.clone()));
+            assert_eq!(t.to_string(), format!("[{host}]:{port}"));
+        }
+    }
+
+    #[test]
+    fn malformed_unbracketed_ipv6_says_to_send_brackets() {
+        for text in [
+            // No port: split at the last colon, neither side works.
+            "::1",
+            "fd00::5",
+            "2001:db8::1",
+            "2001:db8:0:0:0:0:0:1",
+            // An address, but no port after the last colon.
+            "::1:",
+            "::1:0",
+            "::1:65536",
+            "::1:000443",
+            "::1:+443",
+            "fd00::5:abcd",
+            "fd00::5: 443",
+            // Not an address before the last colon.
+            "fd00:::5:443",
+            "1:2:3:4:5:6:7:8:9:443",
+            "fe80::1%lo:443",
+            "fe80::1%25lo:443",
+            "::g:443",
+            "a:b:443",
+            "::1]:443",
+        ] {
+            match parse_authority(text) {
+                Err(e @ AuthorityError::UnbracketedV6(_)) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("send [addr]:port"), "{text}: {msg}");
+                    assert!(msg.contains(text), "{text}: {msg}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // The text in the reason is cut short.
+        let long = format!("{}:443", "1:".repeat(100));
+        let Err(AuthorityError::UnbracketedV6(shown)) = parse_authority(&long) else {
+            panic!("{long}")
+        };
+        assert_eq!(shown.chars().count(), 64);
+    }
+
+    #[test]
+    fn http10_host_header_does_not_matter() {
+        for head in [
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\nHost: 10.0.0.1\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\nHost: elsewhere.example:443\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n",
+            "CONNECT 10.0.0.1:6443 HTTP/1.0\r\nHost: \r\n\r\n",
+        ] {
+            let (req, _) = parse(head).unwrap().unwrap();
+            assert_eq!(req.target.to_string(), "10.0.0.1:6443", "{head:?}");
+        }
+        let (req, _) = parse("CONNECT fd00::5:31234 HTTP/1.0\r\nHost: fd00::5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.target.to_string(), "[fd00::5]:31234");
     }
 
     #[test]

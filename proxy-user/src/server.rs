@@ -69,7 +69,8 @@ impl Proxy {
                 cfg.max_handshakes,
                 cfg.max_conns_per_ip,
                 cfg.auth_fail_delay,
-            ),
+            )
+            .with_allow_src(cfg.allow_src.clone()),
             tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
             close_tunnels: CancellationToken::new(),
         }
@@ -81,15 +82,17 @@ impl Proxy {
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
-        // Admit: over a limit, 503 and close at once, without reading the head.
+        // Admit: a source not in --allow-src (403) or a connection over a
+        // limit (503) is answered and closed at once, without reading the head.
         let mut admission = match self.limits.admit(peer.ip()) {
             Ok(a) => a,
             Err(limit) => {
+                let status = limit.status();
                 self.metrics.limit_rejected(limit.label());
-                record.error = Some(format!("at {}", limit.flag()));
-                record.status = Some(Status::Unavailable.code());
-                self.metrics.answered(Status::Unavailable.code());
-                refuse_at_once(client, Status::Unavailable);
+                record.error = Some(limit.reason());
+                record.status = Some(status.code());
+                self.metrics.answered(status.code());
+                refuse_at_once(client, status);
                 record.emit(&self.metrics);
                 return;
             }

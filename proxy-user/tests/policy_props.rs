@@ -382,9 +382,9 @@ proptest! {
         let checked: Vec<IpAddr> = first
             .iter()
             .copied()
-            .filter(|ip| splice_proxy::policy::canonical(*ip) != IpAddr::V4(FORBIDDEN.parse().unwrap()))
+            .filter(|ip| splice_proxy::cidr::canonical(*ip) != IpAddr::V4(FORBIDDEN.parse().unwrap()))
             .collect();
-        let reachable = checked.iter().find(|ip| splice_proxy::policy::canonical(**ip) == IpAddr::V4(allowed_ip));
+        let reachable = checked.iter().find(|ip| splice_proxy::cidr::canonical(**ip) == IpAddr::V4(allowed_ip));
         match (result, reachable) {
             (Ok((stream, addr)), Some(want)) => {
                 prop_assert_eq!(addr, SocketAddr::new(*want, peers.port));
@@ -401,12 +401,12 @@ proptest! {
                     }
                 };
                 prop_assert_eq!(seen.len(), 1);
-                prop_assert_eq!(splice_proxy::policy::canonical(seen[0].ip()), IpAddr::V4(allowed_ip));
+                prop_assert_eq!(splice_proxy::cidr::canonical(seen[0].ip()), IpAddr::V4(allowed_ip));
             }
             (Err(ConnectError::Denied(_)), None) if checked.is_empty() => {}
             (Err(ConnectError::Refused(addr, _)), None) => {
                 prop_assert!(!checked.is_empty());
-                prop_assert_eq!(splice_proxy::policy::canonical(addr.ip()), IpAddr::V4(CLOSED.parse().unwrap()));
+                prop_assert_eq!(splice_proxy::cidr::canonical(addr.ip()), IpAddr::V4(CLOSED.parse().unwrap()));
             }
             (other, want) => prop_assert!(false, "answer {:?}: got {:?}, want a connection to {:?}", first, other.map(|(_, a)| a), want),
         }

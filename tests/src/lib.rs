@@ -230,6 +230,23 @@ impl Proxy {
         }
     }
 
+    /// The access-log events (`tunnel` lines) that contain every one of
+    /// `needles`, once at least `n` are logged or `within` has passed.
+    pub fn access_events(&self, needles: &[&str], n: usize, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let events: Vec<String> = self
+                .log()
+                .into_iter()
+                .filter(|l| l.contains(" tunnel ") && needles.iter().all(|n| l.contains(n)))
+                .collect();
+            if events.len() >= n || Instant::now() > deadline {
+                return events;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `sig` to the proxy and leaves it running.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid with a valid signal number.

@@ -3,7 +3,7 @@
 //! failure response is followed by a close, run the CLI for config errors.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,22 @@ pub fn parse_head(raw: &str) -> Result<Response> {
 /// Connects to `addr` with TCP_NODELAY and a read timeout of `timeout`.
 pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Like [`connect`] from the local address `from` (on loopback any
+/// 127.0.0.0/8 address works): the proxy sees another client.
+pub fn connect_from(from: IpAddr, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    s.bind(&SocketAddr::new(from, 0).into())
+        .with_context(|| format!("bind {from}"))?;
+    s.connect(&to.into())
+        .with_context(|| format!("connect {to} from {from}"))?;
+    let s = TcpStream::from(s);
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -180,9 +196,14 @@ pub fn connect_head(target: &str, extra: &[String]) -> String {
     h
 }
 
-/// An upstream that echoes every byte back and closes after EOF.
+/// An upstream on 127.0.0.1 that echoes every byte back and closes after EOF.
 pub fn echo_upstream() -> Result<Upstream> {
-    Upstream::start_with(|mut s: TcpStream| {
+    echo_upstream_at("127.0.0.1:0".parse().unwrap())
+}
+
+/// Like [`echo_upstream`], listening on `addr` (`[::1]:0` for IPv6).
+pub fn echo_upstream_at(addr: SocketAddr) -> Result<Upstream> {
+    Upstream::start_with_at(addr, |mut s: TcpStream| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
         let mut r = match s.try_clone() {
             Ok(r) => r,

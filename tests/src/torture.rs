@@ -718,7 +718,11 @@ pub fn set_linger_zero(s: &TcpStream) -> Result<()> {
 
 type Handler = Arc<dyn Fn(TcpStream) + Send + Sync>;
 
-/// A test server on 127.0.0.1 that runs a handler per connection on its own
+/// Where upstreams listen unless told otherwise: a free port on 127.0.0.1.
+const LOOPBACK_V4: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// A test server on loopback that runs a handler per connection on its own
 /// thread. Stops accepting when dropped.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -751,16 +755,25 @@ impl Upstream {
             }
             Err(e) => r.orphans.lock().unwrap().push(e),
         });
-        Self::start_inner(handler, reports)
+        Self::start_inner(LOOPBACK_V4, handler, reports)
     }
 
     /// A server that runs `handler` for every connection.
     pub fn start_with(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Result<Upstream> {
-        Self::start_inner(Arc::new(handler), Arc::new(Reports::default()))
+        Self::start_with_at(LOOPBACK_V4, handler)
     }
 
-    fn start_inner(handler: Handler, reports: Arc<Reports>) -> Result<Upstream> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+    /// Like [`Upstream::start_with`], listening on `addr` (`[::1]:0` for an
+    /// IPv6 upstream).
+    pub fn start_with_at(
+        addr: SocketAddr,
+        handler: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Result<Upstream> {
+        Self::start_inner(addr, Arc::new(handler), Arc::new(Reports::default()))
+    }
+
+    fn start_inner(addr: SocketAddr, handler: Handler, reports: Arc<Reports>) -> Result<Upstream> {
+        let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -790,7 +803,7 @@ impl Upstream {
         })
     }
 
-    /// "127.0.0.1:port", the CONNECT target.
+    /// "127.0.0.1:port" (or "[::1]:port"), the CONNECT target.
     pub fn target(&self) -> String {
         self.addr.to_string()
     }

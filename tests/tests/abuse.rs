@@ -6,7 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
-    basic, connect, connect_head, echo_upstream, expect_failure, metric, read_head, run_cli,
+    basic, connect, connect_from, connect_head, echo_upstream, expect_failure, metric, read_head,
+    run_cli,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
 
@@ -151,38 +152,7 @@ fn max_conns_per_ip_counts_tunnels_and_handshakes_of_one_address() {
 
 /// A connection to `to` from the loopback address `from` (any 127/8 works).
 fn from_addr(from: &str, to: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let from: std::net::Ipv4Addr = from.parse().unwrap();
-    // SAFETY: plain socket/bind/connect on a fresh fd owned by the TcpStream.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let s = TcpStream::from_raw_fd(fd);
-        let sa = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let local = sa(from, 0);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(
-            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        let SocketAddr::V4(to) = to else {
-            panic!("IPv4 proxy")
-        };
-        let remote = sa(*to.ip(), to.port());
-        assert_eq!(
-            libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    }
+    connect_from(from.parse().unwrap(), to, Duration::from_secs(5)).unwrap()
 }
 
 /// Sends a CONNECT with `user:pass` from `from`; returns the status and how

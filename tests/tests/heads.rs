@@ -11,13 +11,21 @@
 //! - obs-fold continuation lines, NUL bytes, a space before a header's
 //!   colon, doubled spaces in the request line: 400;
 //! - HTTP/1.0 and 1.1 only: 2.0, 1.2 or garbage versions are 400;
+//! - the request line decides where a tunnel goes: `Host` is never read, so
+//!   a head without one, with one that lacks the port, or with one naming
+//!   another host is a tunnel to the request line's target (1.0 and 1.1);
 //! - methods are case-sensitive: `connect` is 405, like GET in absolute form;
-//! - the target is `host:port` with a port of 1-65535 in plain digits, a
-//!   bracketed IPv6 literal or a name of ASCII labels: percent-encoding,
-//!   Unicode (send punycode), userinfo, a scheme, an unbracketed or zoned
-//!   IPv6 literal, and names that end in a number (inet_aton's `127.1`,
-//!   `2130706433`, `0x7f.1`) are 400; a trailing dot after an IPv4 literal
-//!   is the literal;
+//! - the target is `host:port` with a port of 1-65535 in plain digits, and
+//!   the host an IPv4 literal, a bracketed IPv6 literal or a name of ASCII
+//!   labels; or, with more than one `:` and no brackets (what MTC's stunnel
+//!   template sends on IPv6 clusters), an IPv6 literal and a port split at
+//!   the last `:` (`::1:443` is `[::1]:443`, and `1::2:3` always `[1::2]:3`),
+//!   under the same policy as the bracketed form;
+//! - percent-encoding, Unicode (send punycode), userinfo, a scheme, a zoned
+//!   IPv6 literal, an unbracketed target that does not split into an IPv6
+//!   literal and a port (`::1` alone, `::1:0`, `fd00:::5:443`), and names
+//!   that end in a number (inet_aton's `127.1`, `2130706433`, `0x7f.1`) are
+//!   400; a trailing dot after an IPv4 literal is the literal;
 //! - two Proxy-Authorization headers are 400; a single one that is not
 //!   `Basic base64(user:pass)` with a non-empty user is 407;
 //! - more than 100 header lines, or more than 64 KiB before the end of the
@@ -31,7 +39,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use splice_proxy_tests::rawhttp::{connect, echo_upstream, expect_failure, parse_head};
+use splice_proxy_tests::rawhttp::{
+    connect, echo_upstream, echo_upstream_at, expect_failure, parse_head,
+};
+use splice_proxy_tests::torture::Upstream;
 use splice_proxy_tests::{Proxy, TEST_POLICY, read_response_head};
 
 const OK_200: &str = "HTTP/1.1 200 Connection established\r\n\r\n";
@@ -41,9 +52,9 @@ const PASS: &str = "s3cr:et";
 /// Which proxy a row goes to.
 #[derive(Clone, Copy, Debug)]
 enum Via {
-    /// `--allow-anonymous`, loopback upstreams allowed (TEST_POLICY).
+    /// `--allow-anonymous`, loopback upstreams allowed (TEST_POLICY and ::1).
     Anon,
-    /// `--credentials mig:s3cr:et`, loopback upstreams allowed.
+    /// `--credentials mig:s3cr:et`, loopback upstreams allowed (as Anon).
     Auth,
     /// `--credentials mig:s3cr:et` with the default destination policy.
     Default,
@@ -71,13 +82,15 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-/// The rows; `t` is the echo upstream's `127.0.0.1:port`.
-fn rows(t: &str) -> Vec<Row> {
+/// The rows; `t` is the echo upstream's `127.0.0.1:port`, `t6` the IPv6
+/// echo upstream's `[::1]:port`.
+fn rows(t: &str, t6: &str) -> Vec<Row> {
     let auth = format!(
         "Proxy-Authorization: basic {}",
         b64(&format!("{USER}:{PASS}"))
     );
     let port = t.rsplit_once(':').unwrap().1;
+    let port6 = t6.rsplit_once(':').unwrap().1;
     let mut rows = Vec::new();
     let mut row = |what: &'static str, via: Via, head: Vec<u8>, want: Want| {
         rows.push(Row {
@@ -127,6 +140,14 @@ fn rows(t: &str) -> Vec<Row> {
         )),
         Tunnel,
     );
+    row(
+        "stunnel from MTC's IPv6 NodePort template: unbracketed target and Host",
+        Auth,
+        s(format!(
+            "CONNECT ::1:{port6} HTTP/1.1\r\nHost: ::1:{port6}\r\n{auth}\r\n\r\n"
+        )),
+        Tunnel,
+    );
     // ---- accepted: tolerated forms ----
     row(
         "bare LF line endings",
@@ -158,6 +179,64 @@ fn rows(t: &str) -> Vec<Row> {
         s(format!(
             "CONNECT {t} HTTP/1.1\r\nHost: elsewhere.example:443\r\n\r\n"
         )),
+        Tunnel,
+    );
+    row(
+        "Host without the port",
+        Anon,
+        s(format!("CONNECT {t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, Host without the port",
+        Anon,
+        s(format!("CONNECT {t} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, Host differs from the target",
+        Anon,
+        s(format!(
+            "CONNECT {t} HTTP/1.0\r\nHost: elsewhere.example:443\r\n\r\n"
+        )),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, Host without the port, with credentials",
+        Auth,
+        s(format!(
+            "CONNECT {t} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n\r\n"
+        )),
+        Tunnel,
+    );
+    row(
+        "HTTP/1.0, unbracketed IPv6, Host without the port",
+        Anon,
+        s(format!("CONNECT ::1:{port6} HTTP/1.0\r\nHost: ::1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "bracketed IPv6 literal",
+        Anon,
+        s(format!("CONNECT {t6} HTTP/1.1\r\nHost: {t6}\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "unbracketed IPv6 literal, split at the last colon",
+        Anon,
+        s(format!("CONNECT ::1:{port6} HTTP/1.1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "unbracketed IPv6 literal without ::",
+        Anon,
+        s(format!("CONNECT 0:0:0:0:0:0:0:1:{port6} HTTP/1.1\r\n\r\n")),
+        Tunnel,
+    );
+    row(
+        "unbracketed IPv4-mapped IPv6 literal of a listed address",
+        Anon,
+        s(format!("CONNECT ::ffff:127.0.0.1:{port} HTTP/1.1\r\n\r\n")),
         Tunnel,
     );
     row(
@@ -327,7 +406,31 @@ fn rows(t: &str) -> Vec<Row> {
             "Unicode dot (U+3002)",
             "route\u{3002}example:443".to_string(),
         ),
-        ("IPv6 without brackets", "::1:443".to_string()),
+        ("unbracketed IPv6 without a port", "::1".to_string()),
+        (
+            "unbracketed IPv6 without a port, fd00::5",
+            "fd00::5".to_string(),
+        ),
+        (
+            "unbracketed IPv6 of eight groups without a port",
+            "2001:db8:0:0:0:0:0:1".to_string(),
+        ),
+        ("unbracketed IPv6, port 0", "::1:0".to_string()),
+        ("unbracketed IPv6, port 65536", "::1:65536".to_string()),
+        ("unbracketed IPv6, hex port", "fd00::5:1bb".to_string()),
+        ("unbracketed IPv6, empty port", "::1:".to_string()),
+        (
+            "unbracketed, three colons in a row",
+            format!("fd00:::5:{port6}"),
+        ),
+        (
+            "unbracketed, nine groups",
+            format!("1:2:3:4:5:6:7:8:9:{port6}"),
+        ),
+        (
+            "unbracketed IPv6 with a zone",
+            format!("fe80::1%25lo:{port6}"),
+        ),
         ("IPv6 with a zone", "[fe80::1%25lo]:443".to_string()),
         ("IPv6 missing the closing bracket", "[::1:443".to_string()),
         ("userinfo", format!("{USER}:{PASS}@{t}")),
@@ -441,6 +544,9 @@ fn rows(t: &str) -> Vec<Row> {
         ("IPv4-mapped loopback", "[::ffff:127.0.0.1]:443"),
         ("IPv4-mapped loopback, hex form", "[::ffff:7f00:1]:443"),
         ("IPv4-mapped unspecified", "[::ffff:0.0.0.0]:443"),
+        ("unbracketed IPv6 loopback", "::1:443"),
+        ("unbracketed IPv4-mapped loopback", "::ffff:127.0.0.1:443"),
+        ("unbracketed unspecified", ":::443"),
         ("localhost with a trailing dot", "localhost.:443"),
         ("LOCALHOST upper case", "LOCALHOST:443"),
     ] {
@@ -599,6 +705,7 @@ impl Proxies {
     fn start() -> Proxies {
         let with = |extra: &[&str]| {
             let mut args: Vec<&str> = TEST_POLICY.to_vec();
+            args.extend_from_slice(&["--allow-dst", "::1"]);
             args.extend_from_slice(extra);
             Proxy::start(&args).expect("start proxy")
         };
@@ -621,11 +728,19 @@ impl Proxies {
     }
 }
 
+/// Echo upstreams on 127.0.0.1 and on ::1.
+fn echo_upstreams() -> (Upstream, Upstream) {
+    (
+        echo_upstream().unwrap(),
+        echo_upstream_at("[::1]:0".parse().unwrap()).unwrap(),
+    )
+}
+
 #[test]
 fn every_row_gets_its_status() {
-    let up = echo_upstream().unwrap();
+    let (up, up6) = echo_upstreams();
     let proxies = Proxies::start();
-    let rows = rows(&up.target());
+    let rows = rows(&up.target(), &up6.target());
     assert!(rows.len() >= 40, "{} rows", rows.len());
     let t0 = Instant::now();
     let failures = run_concurrently(&rows, 8, |row| {
@@ -647,9 +762,9 @@ fn every_row_gets_its_status() {
 /// 200, and the tunnel carries bytes both ways.
 #[test]
 fn accepted_heads_split_at_every_byte_get_the_same_200() {
-    let up = echo_upstream().unwrap();
+    let (up, up6) = echo_upstreams();
     let proxies = Proxies::start();
-    let rows: Vec<Row> = rows(&up.target())
+    let rows: Vec<Row> = rows(&up.target(), &up6.target())
         .into_iter()
         .filter(|r| r.want == Want::Tunnel)
         .collect();

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
-    Response, basic, closed_port, connect, connect_head, echo_upstream, exchange, expect_failure,
-    run_cli,
+    Response, basic, closed_port, connect, connect_head, echo_upstream, echo_upstream_at, exchange,
+    expect_failure, run_cli,
 };
 use splice_proxy_tests::torture::{PeerOpts, TunnelSpec, Upstream, finish_tunnel_opts};
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port, modes, read_response_head};
@@ -234,14 +234,77 @@ fn missing_port_gets_400() {
     }
 }
 
+/// `proxy`'s access-log events with every one of `needles`, once `n` are logged (5 s at most).
+fn access_lines(proxy: &Proxy, needles: &[&str], n: usize) -> Vec<String> {
+    proxy.access_events(needles, n, Duration::from_secs(5))
+}
+
 #[test]
-fn unbracketed_ipv6_gets_400() {
+fn unbracketed_ipv6_is_split_at_the_last_colon() {
+    // An IPv6 literal and a port: parsed, so the policy decides. TEST_POLICY
+    // lists IPv4 loopback only: 403, as for the bracketed forms.
     let proxy = anon_proxy(&[]);
-    for target in ["::1:443", "2001:db8::1:443", "::1", "fe80::1:443"] {
+    for (target, logged) in [
+        ("::1:443", "[::1]:443"),
+        ("2001:db8::1:443", "[2001:db8::1]:443"),
+        ("fe80::1:443", "[fe80::1]:443"),
+        ("fd00::5:31234", "[fd00::5]:31234"),
+    ] {
+        assert_failure(
+            &proxy,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+            403,
+        );
+        let target_field = format!("target=\"{logged}\"");
+        let lines = access_lines(&proxy, &["status=403", &target_field], 1);
+        assert_eq!(lines.len(), 1, "{target}: {lines:?}");
+    }
+    // Anything else with more than one colon and no brackets: 400, and the
+    // access log says what to send.
+    let malformed = ["::1", "fd00::5", "::1:0", "fe80::1%25lo:443"];
+    for target in malformed {
         assert_failure(
             &proxy,
             format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes(),
             400,
+        );
+    }
+    let lines = access_lines(&proxy, &["status=400", "send [addr]:port"], malformed.len());
+    assert_eq!(lines.len(), malformed.len(), "{lines:?}");
+}
+
+#[test]
+fn unbracketed_and_bracketed_ipv6_tunnels_are_logged_alike() {
+    let up6 = echo_upstream_at("[::1]:0".parse().unwrap()).unwrap();
+    let proxy = anon_proxy(&["--allow-dst", "::1"]);
+    let port = up6.addr.port();
+    for (i, target) in [format!("[::1]:{port}"), format!("::1:{port}")]
+        .iter()
+        .enumerate()
+    {
+        let mut s = assert_200(
+            &proxy,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+        );
+        echo_roundtrip(&mut s, target.as_bytes());
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{target}: {rest:?}");
+        // Same target, same resolved address, in the access log.
+        let want = [
+            "status=200",
+            &format!("target=\"[::1]:{port}\""),
+            &format!("resolved=[::1]:{port}"),
+        ]
+        .map(String::from);
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        let lines = access_lines(&proxy, &want, i + 1);
+        assert_eq!(
+            lines.len(),
+            i + 1,
+            "{target}: {lines:#?}\n{:#?}",
+            proxy.log()
         );
     }
 }
@@ -498,7 +561,7 @@ fn stunnel_style_head_one_line_per_segment() {
 }
 
 #[test]
-fn http10_without_host_is_accepted() {
+fn http10_without_host_or_with_another_is_accepted() {
     let up = echo_upstream().unwrap();
     let proxy = anon_proxy(&[]);
     let mut s = assert_200(
@@ -506,6 +569,15 @@ fn http10_without_host_is_accepted() {
         format!("CONNECT {} HTTP/1.0\r\n\r\n", up.target()).as_bytes(),
     );
     echo_roundtrip(&mut s, b"http/1.0");
+    // HTTP/1.0 with a Host that lacks the port, or names another host:
+    // the request line decides.
+    for host in ["127.0.0.1", "elsewhere.example:443"] {
+        let mut s = assert_200(
+            &proxy,
+            format!("CONNECT {} HTTP/1.0\r\nHost: {host}\r\n\r\n", up.target()).as_bytes(),
+        );
+        echo_roundtrip(&mut s, host.as_bytes());
+    }
     // And HTTP/1.1 without Host (curl and socat differ here).
     let mut s = assert_200(
         &proxy,
