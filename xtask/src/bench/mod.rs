@@ -190,12 +190,12 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
         }
     }
     for s in &opts.scenarios {
-        if !SCENARIOS
+        let known = SCENARIOS
             .iter()
             .copied()
-            .flat_map(sub_scenarios)
-            .any(|k| k == s)
-        {
+            .flat_map(|k| std::iter::once(k).chain(sub_scenarios(k)))
+            .any(|k| k == s);
+        if !known {
             bail!(
                 "unknown scenario {s:?} (known: {}, or one of readerbound's and wan's own, e.g. \
                  readerbound-300M-8)",
