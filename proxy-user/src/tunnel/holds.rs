@@ -53,6 +53,10 @@ pub const RELAY_QUIET: Duration = Duration::from_millis(20);
 /// the TCP iterator, and a reader that was the bottleneck usually stays it.
 pub const SPLICE_QUIET: Duration = Duration::from_millis(50);
 
+/// What the end of a catch-up costs a sender on the same host: it waits for its persist timer
+/// (its RTO, 200 ms at least; docs/kernel-notes.md, "What a backpressure episode costs").
+pub const PERSIST_STALL: Duration = Duration::from_millis(200);
+
 /// How much one direction of a sockmap tunnel may hold in the kernel (`--sockmap-backlog`), and
 /// what it does when it gets there (`--sockmap-overrun`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +298,9 @@ pub struct Mover {
     /// `Overrun::Splice`: the peer's backlog is past [`Backlog::soft`], so the direction
     /// should leave the kernel path.
     pressed: bool,
+    /// `Overrun::Splice`, catching up: when the peer's backlog was first seen draining, and
+    /// how large it was then.
+    draining: Option<(Instant, u64)>,
 }
 
 thread_local! {
@@ -314,6 +321,7 @@ impl Mover {
             unsent: (Vec::new(), 0),
             relays: 0,
             pressed: false,
+            draining: None,
         }
     }
 
@@ -321,6 +329,29 @@ impl Mover {
     /// backlog is past the soft threshold and nothing is held.
     pub fn wants_detach(&self) -> bool {
         self.pressed && self.relaying.is_none()
+    }
+
+    /// While catching up held bytes under `Overrun::Splice`: whether the peer's `unacked` backlog
+    /// has drained to half the threshold (where the catch-up starts) so fast that a
+    /// [`PERSIST_STALL`] would starve its reader. Tracks the drain from the first look on; `false`
+    /// until the peer got there.
+    fn reader_outruns_a_stall(&mut self, unacked: u64, now: Instant) -> bool {
+        let half = self.backlog.threshold() / 2;
+        let Some((since, from)) = self.draining else {
+            if unacked <= half {
+                // Already drained before the first look (the walk's latency plus a tick).
+                return true;
+            }
+            self.draining = Some((now, unacked));
+            return false;
+        };
+        if unacked > half {
+            return false;
+        }
+        self.draining = None;
+        let drained = from.saturating_sub(unacked) as f64;
+        let took = now.saturating_duration_since(since).as_secs_f64();
+        drained * PERSIST_STALL.as_secs_f64() > half as f64 * took
     }
 
     /// The walk found held bytes not yet moved: move them first ([`Mover::step`] catches up), and
@@ -432,8 +463,18 @@ impl Mover {
                 // does (the sender's window stays closed until the last held byte is moved),
                 // then the next redirect past the soft threshold asks for the detach again.
                 // Relaying instead would copy the whole episode, which under a reader slower
-                // than its sender never ends.
+                // than its sender never ends. Unless the reader is fast: the catch-up's end
+                // leaves a sender on the same host waiting for its persist timer, and a reader
+                // that drains half the threshold within that wait would starve in it.
                 self.pressed = false;
+                if !self.active {
+                    let unacked = self.peer(dst, redirected)?.unacked;
+                    if self.reader_outruns_a_stall(unacked, now) {
+                        self.relay_instead(counters, now)?;
+                    }
+                }
+            } else {
+                self.draining = None;
             }
             if self.relaying.is_none() && self.backlog.overrun() == Overrun::Relay {
                 let (_, held) = counters.counts(self.src_cookie);
@@ -795,8 +836,18 @@ mod tests {
         let data = pattern(300 << 10);
         client.write_all(&data).unwrap();
         program.held.set(data.len() as u64);
+        // A slow reader: the peer was first seen at the threshold a second ago and has drained
+        // to half of it since (a fast one is relayed, see the next test).
+        let first_look = Instant::now();
+        mover.draining = Some((first_look, Backlog::default().threshold()));
 
-        step_until_idle(&mut mover, &program, &src, &dst, Instant::now());
+        step_until_idle(
+            &mut mover,
+            &program,
+            &src,
+            &dst,
+            first_look + Duration::from_secs(1),
+        );
         assert_eq!(
             (program.relay.get(), mover.relays(), mover.relaying()),
             (None, 0, false),
@@ -811,6 +862,30 @@ mod tests {
             .step(&program, src.as_raw_fd(), dst.as_raw_fd())
             .unwrap();
         assert!(!mover.wants_detach());
+    }
+
+    #[test]
+    fn a_catch_up_relays_only_a_reader_that_would_starve_in_the_stall() {
+        let backlog = Backlog::default();
+        let (threshold, half) = (backlog.threshold(), backlog.threshold() / 2);
+        let t0 = Instant::now();
+        // Drained from the threshold to half in 1 s: 7.75 MB/s would drain 1.55 MB in a stall,
+        // far less than the half threshold still queued: catch up (pause).
+        let mut m = Mover::new(1, 0, backlog);
+        assert!(!m.reader_outruns_a_stall(threshold, t0));
+        assert!(!m.reader_outruns_a_stall(threshold - half / 2, t0 + Duration::from_millis(500)));
+        assert!(!m.reader_outruns_a_stall(half, t0 + Duration::from_secs(1)));
+        // The same in 20 ms: the reader would empty the peer ten times over in 200 ms: relay.
+        let mut m = Mover::new(1, 0, backlog);
+        assert!(!m.reader_outruns_a_stall(threshold, t0));
+        assert!(m.reader_outruns_a_stall(half, t0 + Duration::from_millis(20)));
+        // Right at the rate where a stall just empties the half threshold: not starving yet.
+        let mut m = Mover::new(1, 0, backlog);
+        assert!(!m.reader_outruns_a_stall(threshold, t0));
+        assert!(!m.reader_outruns_a_stall(half, t0 + PERSIST_STALL));
+        // Drained before the first look: fast.
+        let mut m = Mover::new(1, 0, backlog);
+        assert!(m.reader_outruns_a_stall(half - 1, t0));
     }
 
     #[test]
