@@ -154,16 +154,16 @@ impl Detacher {
             let started = Instant::now();
             // The walk takes every TCP socket's lock in turn and may sleep on one that a
             // system call owns: off the runtime's threads.
-            let n = cookies.len();
             let answers = tokio::task::spawn_blocking(move || {
-                let t = Instant::now();
-                let a = w.lock().expect("walker").answer(&cookies);
-                tracing::info!(
-                    "XXX walk of {n} took {:?}, started {:?} late",
-                    t.elapsed(),
-                    t - started
+                let walking = Instant::now();
+                let answers = w.lock().expect("walker").answer(&cookies);
+                tracing::debug!(
+                    "sockmap: a walk for {} request(s) took {:?}, {:?} after it was due",
+                    cookies.len(),
+                    walking.elapsed(),
+                    walking - started
                 );
-                a
+                answers
             })
             .await
             .unwrap_or_default();
