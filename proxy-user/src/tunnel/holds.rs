@@ -14,11 +14,17 @@
 //!    the held bytes and writes them to the peer, counting them in the `MOVED` map. Until userspace
 //!    has moved every held byte the program keeps holding, so nothing overtakes them; once it has
 //!    caught up, the program redirects again.
-//! 4. With [`Overrun::Relay`] (the default) the mover instead tells the program to hold
-//!    everything from that direction and relays it, reading as soon as the peer has room, until
-//!    the direction has not pressed against the bound for [`RELAY_QUIET`]. Each return to kernel
-//!    forwarding after a catch-up costs a sender on the same host about 200 ms (docs/kernel-notes.md,
-//!    "Why no window update from userspace avoids the stall"); relaying has no such cost.
+//! 4. With [`Overrun::Relay`] the mover instead tells the program to hold everything from that
+//!    direction and relays it, reading as soon as the peer has room, until the direction has not
+//!    pressed against the bound for [`RELAY_QUIET`]. Each return to kernel forwarding after a
+//!    catch-up costs a sender on the same host about 200 ms ([`PERSIST_STALL`];
+//!    docs/kernel-notes.md, "Why no window update from userspace avoids the stall"); relaying has
+//!    no such cost.
+//! 5. With [`Overrun::Splice`] (the default) the program wakes the tunnel before the threshold,
+//!    past [`Backlog::soft`], and the direction leaves the kernel path (`sockmap.rs`,
+//!    `spliced.rs`). If the threshold comes first, the mover catches up as in 3 when the reader
+//!    is slow (the stall hides behind what is still queued for it) and relays as in 4 when it is
+//!    fast, then the next soft crossing asks to leave again.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +36,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use super::sys;
 use crate::ebpf::Limit;
 
 /// What a direction does once it has overrun its bound (`--sockmap-overrun`).
@@ -570,7 +577,7 @@ impl Mover {
     /// Where `dst` stands, from one `TCP_INFO` read, given what the program has `redirected`
     /// to it.
     fn peer(&self, dst: RawFd, redirected: u64) -> Result<Peer, MoveError> {
-        let (acked, queued) = super::sockmap::acked_and_queued(dst).map_err(MoveError::Dst)?;
+        let (acked, queued) = super::sys::acked_and_queued(dst).map_err(MoveError::Dst)?;
         let sent = redirected + self.moved;
         Ok(Peer {
             behind_worker: queued.wrapping_sub(self.dst_base) < sent,
@@ -642,7 +649,7 @@ struct Peer {
 
 /// Writes to the peer what its send buffer takes now: 0 when it is full.
 fn send_some(dst: RawFd, buf: &[u8]) -> Result<usize, MoveError> {
-    match send(dst, buf) {
+    match sys::send(dst, buf) {
         Ok(n) => Ok(n),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(MoveError::Dst(e)),
@@ -653,7 +660,7 @@ fn send_some(dst: RawFd, buf: &[u8]) -> Result<usize, MoveError> {
 /// EAGAIN does not mean they are all moved: held skbs can still be in the kernel's queue for
 /// the source, and the held count says when all have arrived.
 fn recv_held(src: RawFd, buf: &mut [u8], flags: libc::c_int) -> Result<Option<usize>, MoveError> {
-    match recv(src, buf, flags) {
+    match sys::recv(src, buf, flags) {
         Ok(0) => Ok(None),
         Ok(n) => Ok(Some(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -665,7 +672,7 @@ fn recv_held(src: RawFd, buf: &mut [u8], flags: libc::c_int) -> Result<Option<us
 fn consume(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        match recv(fd, &mut buf[done..], 0)? {
+        match sys::recv(fd, &mut buf[done..], 0)? {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -676,38 +683,6 @@ fn consume(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: fd is an open socket; buf is valid for buf.len() bytes.
-    let n = unsafe {
-        libc::send(
-            fd,
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: fd is an open socket; buf is valid for writes of buf.len() bytes.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            flags | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 #[cfg(test)]
@@ -786,7 +761,7 @@ mod tests {
         let (mut client, src) = pair();
         let (dst, mut sink) = pair();
         let program = FakeProgram::default();
-        let base = super::super::sockmap::queued_total(dst.as_raw_fd()).unwrap();
+        let base = super::super::sys::queued_total(dst.as_raw_fd()).unwrap();
         let mut mover = Mover::new(1, base, Backlog::default().with_overrun(Overrun::Relay));
         let data = pattern(300 << 10);
         client.write_all(&data).unwrap();
@@ -830,7 +805,7 @@ mod tests {
         let (mut client, src) = pair();
         let (dst, mut sink) = pair();
         let program = FakeProgram::default();
-        let base = super::super::sockmap::queued_total(dst.as_raw_fd()).unwrap();
+        let base = super::super::sys::queued_total(dst.as_raw_fd()).unwrap();
         let mut mover = Mover::new(1, base, Backlog::default());
         assert_eq!(Backlog::default().overrun(), Overrun::Splice);
         let data = pattern(300 << 10);
@@ -893,7 +868,7 @@ mod tests {
         let (client, src) = pair();
         let (dst, mut sink) = pair();
         let program = FakeProgram::default();
-        let base = super::super::sockmap::queued_total(dst.as_raw_fd()).unwrap();
+        let base = super::super::sys::queued_total(dst.as_raw_fd()).unwrap();
         let backlog = Backlog::new(Backlog::MIN_BYTES)
             .unwrap()
             .with_overrun(Overrun::Relay);
@@ -911,7 +886,7 @@ mod tests {
             assert_eq!(mover.step(&program, fds.0, fds.1).unwrap(), Step::Wait);
             std::thread::sleep(Duration::from_millis(2));
         }
-        let acked = super::super::sockmap::acked_and_queued(fds.1).unwrap().0 - base;
+        let acked = super::super::sys::acked_and_queued(fds.1).unwrap().0 - base;
         let unacked = mover.moved() - acked;
         assert!(mover.moved() > 0 && mover.moved() < data.len() as u64);
         assert!(

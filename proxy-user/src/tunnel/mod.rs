@@ -13,11 +13,13 @@ mod self_check;
 pub mod sockmap;
 mod splice;
 mod spliced;
+mod sys;
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -71,7 +73,10 @@ impl DataPath {
                 Ok(reg) => Ok(Handoff(Some(reg))),
                 // A socket whose remote already sent FIN cannot join a
                 // sockmap: this tunnel is forwarded by userspace instead.
-                Err(_) if !sockmap::established(client) || !sockmap::established(upstream) => {
+                Err(_)
+                    if !sys::established(client.as_raw_fd())
+                        || !sys::established(upstream.as_raw_fd()) =>
+                {
                     Ok(Handoff(None))
                 }
                 Err(e) => Err(e),

@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::detach::{Answer, Detacher, Walker};
 use super::holds::{Backlog, Counters, HoldWaiters, MoveError, Mover, Overrun, SPLICE_QUIET, Step};
 use super::spliced::{Spliced, Stop};
+use super::sys::{self, established, queued_total, set_rcvlowat, set_sndbuf};
 use super::{End, Progress, PumpError};
 use crate::ebpf::{
     self, ARMED_MAP, BYTES_MAP, Counts, DETACH_MAP, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP,
@@ -228,8 +229,8 @@ impl Sockmap {
         let (moved, client_clean) = empty_queue(client, upstream).await?;
         let mut reg = Registration {
             sockmap: self,
-            client: cookie(client.as_raw_fd())?,
-            upstream: cookie(upstream.as_raw_fd())?,
+            client: sys::cookie(client)?,
+            upstream: sys::cookie(upstream)?,
             in_peers: false,
             armed: false,
             base_client: 0,
@@ -329,14 +330,6 @@ pub enum Armed {
     Userspace,
 }
 
-/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state` (include/net/tcp_states.h).
-const TCP_ESTABLISHED: u8 = 1;
-
-/// Whether the kernel would let this socket join a sockmap.
-pub(super) fn established(s: &TcpStream) -> bool {
-    tcp_info(s.as_raw_fd()).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)
-}
-
 /// A tunnel's place in the maps; removed from all of them on drop, so no
 /// entry outlives its tunnel.
 pub struct Registration<'a> {
@@ -374,7 +367,7 @@ impl Registration<'_> {
     /// no longer ESTABLISHED (its remote already sent FIN) cannot join a
     /// sockmap: then the tunnel is left to userspace ([`Armed::Userspace`]).
     pub async fn arm(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<Armed> {
-        if !established(client) || !established(upstream) {
+        if !established(client.as_raw_fd()) || !established(upstream.as_raw_fd()) {
             return Ok(Armed::Userspace);
         }
         // Nothing is armed yet, so these totals only hold what userspace wrote.
@@ -462,7 +455,7 @@ impl Registration<'_> {
     fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
         match self.arm_socket(cookie, sock.as_raw_fd()) {
             Ok(()) => Ok(true),
-            Err(_) if !established(sock) => Ok(false),
+            Err(_) if !established(sock.as_raw_fd()) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -554,7 +547,7 @@ impl Registration<'_> {
         let (src, dst) = movers.fds(dir);
         match self.rearm_socket(movers, dir, sp.written()) {
             Ok(()) => Ok(()),
-            Err(_) if !tcp_info(src).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED) => {
+            Err(_) if !established(src) => {
                 let mut sp = sp;
                 sp.splice_to_the_end();
                 set_sndbuf(
@@ -843,16 +836,6 @@ async fn held(notify: &Option<Arc<Notify>>) {
 /// How often a direction with held bytes left is stepped again.
 const HOLD_TICK: Duration = Duration::from_millis(2);
 
-/// Bytes queued on a socket's receive queue (`SIOCINQ`).
-fn inq(s: &TcpStream) -> io::Result<usize> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCINQ writes one int through the pointer; s is an open TCP socket.
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(queued.max(0) as usize)
-}
-
 /// Most bytes userspace forwards while waiting for the client's receive
 /// queue to run empty before arming it; past that the client's direction
 /// stays in userspace.
@@ -866,7 +849,7 @@ async fn empty_queue(src: &TcpStream, dst: &TcpStream) -> io::Result<(u64, bool)
     let mut buf = Vec::new();
     let mut moved = 0u64;
     loop {
-        let queued = inq(src)?;
+        let queued = sys::inq(src.as_raw_fd())? as usize;
         if queued == 0 {
             return Ok((moved, true));
         }
@@ -1273,73 +1256,36 @@ struct CloseWatch {
 
 impl CloseWatch {
     fn new(client: &impl AsFd, upstream: &impl AsFd) -> io::Result<CloseWatch> {
-        // SAFETY: epoll_create1 returns a new fd or -1.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a new, open fd owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-        for (sock, side) in [
-            (client.as_fd(), Side::Client),
-            (upstream.as_fd(), Side::Upstream),
-        ] {
-            let mut ev = libc::epoll_event {
-                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: side as u64,
-            };
-            // SAFETY: both fds are open; ev is a valid epoll_event.
-            let rc = unsafe {
-                libc::epoll_ctl(
-                    epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_ADD,
-                    sock.as_raw_fd(),
-                    &mut ev,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        // SAFETY: the OwnedFd stays open, and the same fd, for as long as
-        // the AsyncFd owns it.
-        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let epoll = sys::epoll_set(&[
+            (
+                client.as_fd().as_raw_fd(),
+                libc::EPOLLRDHUP,
+                Side::Client as u64,
+            ),
+            (
+                upstream.as_fd().as_raw_fd(),
+                libc::EPOLLRDHUP,
+                Side::Upstream as u64,
+            ),
+        ])?;
         Ok(CloseWatch { epoll })
     }
 
     /// Waits for events and returns them: (which socket, epoll mask).
     async fn next(&self) -> io::Result<Vec<(Side, u32)>> {
-        loop {
-            let mut guard = self.epoll.readable().await?;
-            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-            // SAFETY: the epoll fd is open; the buffer holds 4 events; timeout 0 never blocks.
-            let n = unsafe {
-                libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), 4, 0)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                guard.clear_ready();
-                continue;
-            }
-            return Ok(events[..n as usize]
-                .iter()
-                .map(|ev| {
-                    let side = if { ev.u64 } == Side::Client as u64 {
-                        Side::Client
-                    } else {
-                        Side::Upstream
-                    };
-                    (side, ev.events)
-                })
-                .collect());
-        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        let n = sys::epoll_next(&self.epoll, &mut events).await?;
+        Ok(events[..n]
+            .iter()
+            .map(|ev| {
+                let side = if { ev.u64 } == Side::Client as u64 {
+                    Side::Client
+                } else {
+                    Side::Upstream
+                };
+                (side, ev.events)
+            })
+            .collect())
     }
 }
 
@@ -1358,98 +1304,9 @@ impl From<Dir> for super::Dir {
     }
 }
 
-/// The socket cookie: the key the program looks itself up by.
-fn cookie(fd: RawFd) -> io::Result<u64> {
-    let mut value = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: fd is an open socket; value and len are valid out-pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
-fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
-    // SAFETY: tcp_info is plain old data; zero is a valid bit pattern.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: fd is an open TCP socket; info/len are valid out-pointers.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info)
-}
-
-/// Sizes a tunnel socket's buffers for the backlog bound (see [`Backlog`]). The kernel doubles
-/// what is asked for (room for its own overhead), hence the halves. The send buffer needs
+/// Sizes a tunnel socket's buffers for the backlog bound (see [`Backlog`]). The send buffer needs
 /// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which the sockmap path has) to exceed `wmem_max`.
 fn set_buffers(fd: RawFd, backlog: Backlog) -> io::Result<()> {
-    let half = |v: u64| libc::c_int::try_from(v / 2).unwrap_or(libc::c_int::MAX);
-    setsockopt_int(fd, libc::SO_RCVBUFFORCE, half(backlog.rcvbuf()))
-        .or_else(|_| setsockopt_int(fd, libc::SO_RCVBUF, half(backlog.rcvbuf())))?;
-    setsockopt_int(fd, libc::SO_SNDBUFFORCE, half(backlog.sndbuf()))
-        .or_else(|_| setsockopt_int(fd, libc::SO_SNDBUF, half(backlog.sndbuf())))
-}
-
-/// The send buffer alone (see [`set_buffers`]), as the kernel counts it (`sk_sndbuf`).
-fn set_sndbuf(fd: RawFd, bytes: u64) -> io::Result<()> {
-    let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
-    setsockopt_int(fd, libc::SO_SNDBUFFORCE, half)
-        .or_else(|_| setsockopt_int(fd, libc::SO_SNDBUF, half))
-}
-
-fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: fd is an open socket; the option value is a local int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Every byte ever put into the socket's send queue: acked + still queued.
-pub(super) fn queued_total(fd: RawFd) -> io::Result<u64> {
-    Ok(acked_and_queued(fd)?.1)
-}
-
-/// From one `TCP_INFO` read: the bytes the socket's remote has acknowledged, and every byte ever
-/// put into its send queue ([`queued_total`]).
-pub(super) fn acked_and_queued(fd: RawFd) -> io::Result<(u64, u64)> {
-    let acked = tcp_info(fd)?.tcpi_bytes_acked;
-    let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int through the pointer.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((acked, acked + outq.max(0) as u64))
-}
-
-fn set_rcvlowat(fd: RawFd, value: libc::c_int) -> io::Result<()> {
-    setsockopt_int(fd, libc::SO_RCVLOWAT, value)
+    sys::set_rcvbuf(fd, backlog.rcvbuf())?;
+    sys::set_sndbuf(fd, backlog.sndbuf())
 }

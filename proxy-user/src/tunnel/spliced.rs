@@ -7,15 +7,15 @@
 //! empty, so the program resumes exactly at the next unread byte.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
 use super::holds::MoveError;
 use super::splice::{Pipe, splice};
+use super::sys;
 
 /// How a spliced direction stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +52,11 @@ impl Spliced {
     /// Starts splicing `src` → `dst`; `worker_target` as for [`Spliced::worker_target`].
     pub(super) fn new(src: RawFd, dst: RawFd, worker_target: u64) -> io::Result<Spliced> {
         let pipe = Pipe::new()?;
-        let ready = epoll_for(src, dst)?;
+        // Source readable (and its FIN), peer writable.
+        let ready = sys::epoll_set(&[
+            (src, libc::EPOLLIN | libc::EPOLLRDHUP, src as u64),
+            (dst, libc::EPOLLOUT, dst as u64),
+        ])?;
         Ok(Spliced {
             src,
             dst,
@@ -88,7 +92,7 @@ impl Spliced {
     ) -> Result<Stop, MoveError> {
         loop {
             if let Some(target) = self.worker_target {
-                let queued = super::sockmap::queued_total(self.dst).map_err(MoveError::Dst)?;
+                let queued = sys::queued_total(self.dst).map_err(MoveError::Dst)?;
                 if queued < target {
                     tokio::time::sleep(Duration::from_micros(500)).await;
                     continue;
@@ -138,7 +142,7 @@ impl Spliced {
             }
             let idle = self.in_pipe == 0 && self.src_empty && !self.to_the_end;
             if idle && self.pressed.elapsed() >= quiet {
-                if outq(self.dst).map_err(MoveError::Dst)? <= max_outq {
+                if sys::outq(self.dst).map_err(MoveError::Dst)? <= max_outq {
                     return Ok(Stop::Quiet);
                 }
                 // Quiet, but the peer still has much queued: look again shortly.
@@ -158,25 +162,8 @@ impl Spliced {
 
     /// Waits until the source is readable or the peer writable (or either has an error).
     async fn wait(&self) -> io::Result<()> {
-        loop {
-            let mut guard = self.ready.readable().await?;
-            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
-            // SAFETY: the epoll fd is open; the buffer holds 2 events; timeout 0 never blocks.
-            let n = unsafe {
-                libc::epoll_wait(self.ready.get_ref().as_raw_fd(), events.as_mut_ptr(), 2, 0)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            guard.clear_ready();
-            if n > 0 {
-                return Ok(());
-            }
-        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        sys::epoll_next(&self.ready, &mut events).await.map(|_| ())
     }
 }
 
@@ -184,41 +171,4 @@ fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: the tunnel keeps both sockets open for as long as its Spliced lives, and the
     // borrow is used only within one call.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-}
-
-/// Bytes in a socket's send queue not yet acknowledged (`SIOCOUTQ`).
-fn outq(fd: RawFd) -> io::Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int through the pointer; fd is an open TCP socket.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n.max(0) as u64)
-}
-
-/// A private epoll set: `src` for input (and its FIN), `dst` for output; edge-triggered.
-fn epoll_for(src: RawFd, dst: RawFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: epoll_create1 returns a new fd or -1.
-    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: raw is a new, open fd owned by nobody else.
-    let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-    for (fd, events) in [
-        (src, libc::EPOLLIN | libc::EPOLLRDHUP),
-        (dst, libc::EPOLLOUT),
-    ] {
-        let mut ev = libc::epoll_event {
-            events: (events | libc::EPOLLET) as u32,
-            u64: fd as u64,
-        };
-        // SAFETY: both fds are open; ev is a valid epoll_event.
-        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd owns it.
-    unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
 }
