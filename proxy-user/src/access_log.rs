@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::refusal::Refusal;
 use crate::tunnel::{Mode, Outcome};
 
 /// What is known about a connection so far.
@@ -38,6 +39,12 @@ impl Record {
             outcome: None,
             error: None,
         }
+    }
+
+    /// A connection answered with a refusal: its status, and why.
+    pub fn refused(&mut self, refusal: &Refusal) {
+        self.status = Some(refusal.status().code());
+        self.error = Some(refusal.to_string());
     }
 
     pub fn finish(&mut self, outcome: Outcome) {

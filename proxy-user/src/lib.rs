@@ -2,8 +2,8 @@
 //!
 //! A connection's life reads top to bottom in [`server`]: accept → read
 //! request ([`request`]) → authenticate ([`auth`]) → authorize ([`policy`])
-//! → connect ([`upstream`]) → reply → hand off to a data path ([`tunnel`])
-//! → log ([`access_log`]) and count ([`metrics`]).
+//! → connect ([`upstream`]) → reply, or refuse ([`refusal`]) → hand off to
+//! a data path ([`tunnel`]) → log ([`access_log`]) and count ([`metrics`]).
 
 pub mod accept_backoff;
 pub mod access_log;
@@ -16,6 +16,7 @@ pub mod ebpf;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod refusal;
 pub mod reload;
 pub mod request;
 pub mod server;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cidr::IpNet;
-use crate::request::Status;
 
 /// Which limit refused a connection at accept, before its head was read
 /// (the `limit` label of `splice_proxy_limit_rejections_total`).
@@ -43,15 +42,6 @@ impl Limit {
             Limit::Source => "--allow-src",
             Limit::Handshakes => "--max-handshakes",
             Limit::PerIp => "--max-conns-per-ip",
-        }
-    }
-
-    /// The answer: a client that may not connect at all is `403`; one over
-    /// a capacity limit `503` (it may try again later).
-    pub fn status(self) -> Status {
-        match self {
-            Limit::Source => Status::Forbidden,
-            Limit::Handshakes | Limit::PerIp => Status::Unavailable,
         }
     }
 
@@ -358,8 +348,6 @@ mod tests {
         // Without --allow-src every address is admitted.
         let open = Limits::new(10, 0, Duration::ZERO);
         let _b = open.admit(B).unwrap();
-        assert_eq!(Limit::Source.status(), Status::Forbidden);
-        assert_eq!(Limit::PerIp.status(), Status::Unavailable);
         assert_eq!(Limit::Source.reason(), "client address not in --allow-src");
         assert_eq!(Limit::Handshakes.reason(), "at --max-handshakes");
     }

@@ -139,8 +139,12 @@ impl PortSet {
 pub enum Denied {
     #[error("port {0} is not allowed")]
     Port(u16),
+    /// A name that matches no `--allow-dst` pattern.
     #[error("destination {0} is not allowed")]
-    Host(String),
+    Name(String),
+    /// An address literal that is not allowed.
+    #[error("destination {0} is not allowed")]
+    Address(String),
     #[error("{0} resolves only to addresses that are not allowed")]
     Addresses(String),
 }
@@ -202,13 +206,13 @@ impl Policy {
                 if self.addr_allowed(&target.host, *ip) {
                     Ok(())
                 } else {
-                    Err(Denied::Host(target.host.to_string()))
+                    Err(Denied::Address(target.host.to_string()))
                 }
             }
             // A name that matches no name pattern may still be allowed by
             // the addresses it resolves to, when IP patterns exist.
             Host::Name(name) if self.name_allowed(name) || self.has_nets() => Ok(()),
-            Host::Name(name) => Err(Denied::Host(name.clone())),
+            Host::Name(name) => Err(Denied::Name(name.clone())),
         }
     }
 

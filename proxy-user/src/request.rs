@@ -1,4 +1,4 @@
-//! Reading and parsing the request head, and the responses we write.
+//! Reading and parsing the request head.
 //!
 //! The head is read with a size cap and parsed with httparse. Bytes that
 //! arrived after the head in the same read are returned so the tunnel can
@@ -53,7 +53,7 @@ pub struct Request {
     pub proxy_authorization: Option<Vec<u8>>,
 }
 
-/// Why a request head was not accepted, each mapped to a status.
+/// Why a request head was not accepted (`refusal.rs` maps each to a status).
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error("malformed request: {0}")]
@@ -349,84 +349,6 @@ fn is_numeric_label(label: &str) -> bool {
     }
 }
 
-/// Statuses the proxy answers with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Established,
-    BadRequest,
-    Forbidden,
-    MethodNotAllowed,
-    ProxyAuthRequired,
-    RequestTimeout,
-    HeadTooLarge,
-    BadGateway,
-    Unavailable,
-    GatewayTimeout,
-}
-
-impl Status {
-    pub fn code(self) -> u16 {
-        match self {
-            Status::Established => 200,
-            Status::BadRequest => 400,
-            Status::Forbidden => 403,
-            Status::MethodNotAllowed => 405,
-            Status::ProxyAuthRequired => 407,
-            Status::RequestTimeout => 408,
-            Status::HeadTooLarge => 431,
-            Status::BadGateway => 502,
-            Status::Unavailable => 503,
-            Status::GatewayTimeout => 504,
-        }
-    }
-
-    fn reason(self) -> &'static str {
-        match self {
-            Status::Established => "Connection established",
-            Status::BadRequest => "Bad Request",
-            Status::Forbidden => "Forbidden",
-            Status::MethodNotAllowed => "Method Not Allowed",
-            Status::ProxyAuthRequired => "Proxy Authentication Required",
-            Status::RequestTimeout => "Request Timeout",
-            Status::HeadTooLarge => "Request Header Fields Too Large",
-            Status::BadGateway => "Bad Gateway",
-            Status::Unavailable => "Service Unavailable",
-            Status::GatewayTimeout => "Gateway Timeout",
-        }
-    }
-
-    /// The bytes written on the wire for this status.
-    pub fn response(self) -> Vec<u8> {
-        if self == Status::Established {
-            return b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
-        }
-        let body = format!("{} {}\n", self.code(), self.reason());
-        let extra = match self {
-            Status::MethodNotAllowed => "Allow: CONNECT\r\n",
-            Status::ProxyAuthRequired => "Proxy-Authenticate: Basic realm=\"splice-proxy\"\r\n",
-            _ => "",
-        };
-        format!(
-            "HTTP/1.1 {} {}\r\n{extra}Connection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            self.code(),
-            self.reason(),
-            body.len()
-        )
-        .into_bytes()
-    }
-}
-
-impl From<&RequestError> for Status {
-    fn from(e: &RequestError) -> Status {
-        match e {
-            RequestError::Malformed(_) => Status::BadRequest,
-            RequestError::Method(_) => Status::MethodNotAllowed,
-            RequestError::TooLarge => Status::HeadTooLarge,
-            RequestError::Closed | RequestError::Io(_) => Status::BadRequest,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,20 +569,6 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(req.target.to_string(), "[fd00::5]:31234");
-    }
-
-    #[test]
-    fn responses() {
-        assert_eq!(
-            Status::Established.response(),
-            b"HTTP/1.1 200 Connection established\r\n\r\n"
-        );
-        let r = String::from_utf8(Status::ProxyAuthRequired.response()).unwrap();
-        assert!(r.starts_with("HTTP/1.1 407 "));
-        assert!(r.contains("\r\nProxy-Authenticate: Basic realm=\"splice-proxy\"\r\n"));
-        assert!(r.contains("\r\nConnection: close\r\n"));
-        let r = String::from_utf8(Status::MethodNotAllowed.response()).unwrap();
-        assert!(r.contains("\r\nAllow: CONNECT\r\n"));
     }
 
     /// Feeds `pieces` to a [`HeadReader`]; at the end the client closes.

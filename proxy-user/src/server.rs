@@ -19,7 +19,8 @@ use crate::config::Config;
 use crate::limits::{Admission, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::request::{self, RequestError, Status};
+use crate::refusal::{Refusal, Status};
+use crate::request::{self, RequestError};
 use crate::tunnel::{self, DataPath, Handoff};
 use crate::upstream::Connector;
 
@@ -45,9 +46,20 @@ struct Established<'a> {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A handshake that failed: the status to answer with, or `None` to close
-/// silently (the client went away or sent nothing).
-type Refusal = Option<Status>;
+/// A handshake that did not reach its `200`.
+enum Failed {
+    /// Answered with this refusal, then closed.
+    Refused(Refusal),
+    /// Closed without an answer (the client went away or sent nothing);
+    /// why, for the access log.
+    Silent(String),
+}
+
+impl From<Refusal> for Failed {
+    fn from(r: Refusal) -> Failed {
+        Failed::Refused(r)
+    }
+}
 
 impl Proxy {
     pub fn new(
@@ -87,12 +99,11 @@ impl Proxy {
         let mut admission = match self.limits.admit(peer.ip()) {
             Ok(a) => a,
             Err(limit) => {
-                let status = limit.status();
                 self.metrics.limit_rejected(limit.label());
-                record.error = Some(limit.reason());
-                record.status = Some(status.code());
-                self.metrics.answered(status.code());
-                refuse_at_once(client, status);
+                let refusal = Refusal::Limit(limit);
+                record.refused(&refusal);
+                self.metrics.answered(refusal.status().code());
+                refuse_at_once(client, &refusal);
                 record.emit(&self.metrics);
                 return;
             }
@@ -116,13 +127,12 @@ impl Proxy {
                 .await;
                 record.finish(outcome);
             }
-            Err(refusal) => {
-                if let Some(status) = refusal {
-                    record.status = Some(status.code());
-                    self.metrics.answered(status.code());
-                    refuse(client, status, &mut admission).await;
-                }
+            Err(Failed::Refused(refusal)) => {
+                record.refused(&refusal);
+                self.metrics.answered(refusal.status().code());
+                refuse(client, &refusal, &mut admission).await;
             }
+            Err(Failed::Silent(why)) => record.error = Some(why),
         }
         record.emit(&self.metrics);
     }
@@ -132,22 +142,15 @@ impl Proxy {
         client: &mut TcpStream,
         record: &mut Record,
         admission: &mut Admission,
-    ) -> Result<Established<'_>, Refusal> {
+    ) -> Result<Established<'_>, Failed> {
         // Read the request head, within the header timeout.
         let read = tokio::time::timeout(self.header_timeout, request::read_request(client)).await;
         let (req, early_bytes) = match read {
-            Err(_) => {
-                record.error = Some("header timeout".into());
-                return Err(Some(Status::RequestTimeout));
-            }
+            Err(_) => return Err(Refusal::HeaderTimeout(self.header_timeout).into()),
             Ok(Err(RequestError::Closed)) => {
-                record.error = Some("closed before a complete head".into());
-                return Err(None);
+                return Err(Failed::Silent("closed before a complete head".into()));
             }
-            Ok(Err(e)) => {
-                record.error = Some(e.to_string());
-                return Err(Some(Status::from(&e)));
-            }
+            Ok(Err(e)) => return Err(Refusal::Request(e).into()),
             Ok(Ok(r)) => r,
         };
         record.target = Some(req.target.to_string());
@@ -164,28 +167,27 @@ impl Proxy {
                     record.user = Some(u.clone());
                 }
                 self.metrics.auth_failed();
-                record.error = Some(e.to_string());
                 let delay = self.limits.auth_failed(ip);
                 if !delay.is_zero() {
                     self.metrics.auth_delayed();
                     tokio::time::sleep(delay).await;
                 }
-                return Err(Some(Status::ProxyAuthRequired));
+                return Err(Refusal::Auth(e).into());
             }
         };
         record.user = user;
 
         // Authorize the destination name and port.
-        self.policy.check_target(&req.target).map_err(|e| {
-            record.error = Some(e.to_string());
-            Some(Status::Forbidden)
-        })?;
+        self.policy
+            .check_target(&req.target)
+            .map_err(Refusal::Denied)?;
 
         // Take a tunnel slot.
-        let permit = self.tunnels.clone().try_acquire_owned().map_err(|_| {
-            record.error = Some("at --max-tunnels".into());
-            Some(Status::Unavailable)
-        })?;
+        let permit = self
+            .tunnels
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::MaxTunnels)?;
 
         // Connect upstream (every resolved address is checked by the policy).
         let (mut upstream, resolved) = self
@@ -194,18 +196,17 @@ impl Proxy {
             .await
             .map_err(|e| {
                 self.metrics.connect_failed(e.kind());
-                record.error = Some(e.to_string());
-                Some(e.status())
+                Refusal::Connect(e)
             })?;
         record.resolved = Some(resolved);
         let _ = upstream.set_nodelay(true);
 
         // Bytes the client sent right after its head go first, in order.
         if !early_bytes.is_empty() {
-            upstream.write_all(&early_bytes).await.map_err(|e| {
-                record.error = Some(format!("writing early bytes upstream: {e}"));
-                Some(Status::BadGateway)
-            })?;
+            upstream
+                .write_all(&early_bytes)
+                .await
+                .map_err(Refusal::EarlyBytes)?;
             record.early_bytes = early_bytes.len() as u64;
         }
 
@@ -214,22 +215,16 @@ impl Proxy {
             .datapath
             .register(client, &upstream)
             .await
-            .map_err(|e| {
-                record.error = Some(format!(
-                    "handing the tunnel to {}: {e}",
-                    self.datapath.mode()
-                ));
-                Some(Status::Unavailable)
+            .map_err(|error| Refusal::Handoff {
+                mode: self.datapath.mode(),
+                error,
             })?;
 
         // Reply.
         client
-            .write_all(&Status::Established.response())
+            .write_all(Status::ESTABLISHED)
             .await
-            .map_err(|e| {
-                record.error = Some(format!("writing the 200: {e}"));
-                None
-            })?;
+            .map_err(|e| Failed::Silent(format!("writing the 200: {e}")))?;
         admission.handshake_over();
         record.status = Some(200);
         Ok(Established {
@@ -255,8 +250,8 @@ impl Proxy {
 /// (an oversize head, say): read and drop a little of it so the close does
 /// not turn into a reset that destroys the response before it is read.
 /// The handshake slot is released once the response is written.
-async fn refuse(mut client: TcpStream, status: Status, admission: &mut Admission) {
-    let written = client.write_all(&status.response()).await;
+async fn refuse(mut client: TcpStream, refusal: &Refusal, admission: &mut Admission) {
+    let written = client.write_all(&refusal.response()).await;
     admission.handshake_over();
     if written.is_err() {
         return;
@@ -279,14 +274,14 @@ async fn refuse(mut client: TcpStream, status: Status, admission: &mut Admission
 /// waiting: a flood beyond the limits holds no descriptor past this call.
 /// Whatever the client sent already is read first, so the close is a FIN
 /// rather than a reset that could destroy the response.
-fn refuse_at_once(client: TcpStream, status: Status) {
+fn refuse_at_once(client: TcpStream, refusal: &Refusal) {
     use std::io::{Read, Write};
     // Non-blocking: the response fits an empty socket buffer, and reading
     // takes only what has arrived.
     let Ok(mut client) = client.into_std() else {
         return;
     };
-    let _ = client.write(&status.response());
+    let _ = client.write(&refusal.response());
     let mut sink = [0u8; 16 * 1024];
     let _ = client.read(&mut sink);
     let _ = client.shutdown(std::net::Shutdown::Write);
@@ -416,21 +411,31 @@ mod tests {
         (addr, stop)
     }
 
-    async fn status_for(addr: SocketAddr, target: &str) -> String {
+    /// The whole response to a CONNECT to `target`.
+    async fn response_for(addr: SocketAddr, target: &str) -> String {
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut out = String::new();
         c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    async fn status_for(addr: SocketAddr, target: &str) -> String {
+        let out = response_for(addr, target).await;
         out.lines().next().unwrap_or_default().to_string()
     }
 
     #[tokio::test]
-    async fn dns_failure_on_the_wire_is_502() {
+    async fn dns_failure_on_the_wire_is_502_dns_error() {
         let (addr, stop) = start(StaticResolver(HashMap::new())).await;
-        let line = status_for(addr, "unknown.test:443").await;
-        assert!(line.starts_with("HTTP/1.1 502 "), "{line}");
+        let out = response_for(addr, "unknown.test:443").await;
+        assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+        assert!(
+            out.contains("\r\nProxy-Status: splice-proxy; error=dns_error; details=\"DNS lookup of unknown.test failed"),
+            "{out}"
+        );
         stop.cancel();
     }
 

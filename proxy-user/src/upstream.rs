@@ -1,6 +1,5 @@
-//! Resolve and connect to the destination, mapping every failure to the
-//! status the client gets: DNS failure, refused or unreachable → 502,
-//! timeout → 504, a name that resolves only to forbidden addresses → 403.
+//! Resolve and connect to the destination; every failure is a typed
+//! [`ConnectError`] (`refusal.rs` says what the client gets for each).
 
 use std::future::Future;
 use std::io;
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::policy::{Denied, Policy};
-use crate::request::{Host, Status, Target};
+use crate::request::{Host, Target};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -43,6 +42,9 @@ impl Resolver for SystemResolver {
 pub enum ConnectError {
     #[error("DNS lookup of {0} failed: {1}")]
     Dns(String, io::Error),
+    /// The lookup was still running at the connect deadline.
+    #[error("DNS lookup of {0} timed out")]
+    DnsTimeout(String),
     #[error(transparent)]
     Denied(#[from] Denied),
     #[error("connecting to {0}: {1}")]
@@ -52,21 +54,13 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    pub fn status(&self) -> Status {
-        match self {
-            ConnectError::Dns(..) | ConnectError::Refused(..) => Status::BadGateway,
-            ConnectError::Denied(_) => Status::Forbidden,
-            ConnectError::Timeout(_) => Status::GatewayTimeout,
-        }
-    }
-
     /// A short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             ConnectError::Dns(..) => "dns",
             ConnectError::Denied(_) => "denied",
             ConnectError::Refused(..) => "refused",
-            ConnectError::Timeout(_) => "timeout",
+            ConnectError::DnsTimeout(_) | ConnectError::Timeout(_) => "timeout",
         }
     }
 }
@@ -91,7 +85,7 @@ impl Connector {
             Host::Name(name) => {
                 let lookup = self.resolver.resolve(name, target.port);
                 match tokio::time::timeout_at(deadline.into(), lookup).await {
-                    Err(_) => return Err(timeout()),
+                    Err(_) => return Err(ConnectError::DnsTimeout(name.clone())),
                     Ok(Err(e)) => return Err(ConnectError::Dns(name.clone(), e)),
                     Ok(Ok(a)) if a.is_empty() => {
                         return Err(ConnectError::Dns(
@@ -144,6 +138,7 @@ mod tests {
     use super::testing::StaticResolver;
     use super::*;
     use crate::policy::{DstPattern, PortSet};
+    use crate::refusal::{Refusal, Status};
     use crate::request::parse_authority;
 
     fn connector(table: &[(&str, &str)]) -> Connector {
@@ -174,8 +169,8 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert_eq!(e.status(), Status::BadGateway);
         assert_eq!(e.kind(), "dns");
+        assert_eq!(Refusal::Connect(e).status(), Status::BadGateway);
     }
 
     #[tokio::test]
@@ -188,8 +183,8 @@ mod tests {
         assert_eq!(addr.port(), port);
         drop(listener);
         let e = c.connect(&t, &loopback_policy()).await.unwrap_err();
-        assert_eq!(e.status(), Status::BadGateway);
         assert_eq!(e.kind(), "refused");
+        assert_eq!(Refusal::Connect(e).status(), Status::BadGateway);
     }
 
     #[tokio::test]
@@ -200,6 +195,35 @@ mod tests {
             .connect(&parse_authority("rebind.test:443").unwrap(), &policy)
             .await
             .unwrap_err();
-        assert_eq!(e.status(), Status::Forbidden);
+        assert_eq!(Refusal::Connect(e).status(), Status::Forbidden);
+    }
+
+    /// A resolver that never answers.
+    struct Silent;
+
+    impl Resolver for Silent {
+        fn resolve<'a>(&'a self, _: &'a str, _: u16) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_past_the_deadline_is_a_dns_timeout_not_a_connect_timeout() {
+        let c = Connector {
+            resolver: Arc::new(Silent),
+            timeout: Duration::from_millis(50),
+        };
+        let e = c
+            .connect(
+                &parse_authority("slow.dns:443").unwrap(),
+                &loopback_policy(),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::DnsTimeout(_)), "{e}");
+        assert_eq!(e.kind(), "timeout");
+        let r = Refusal::Connect(e);
+        assert_eq!(r.status(), Status::GatewayTimeout);
+        assert_eq!(r.error_type().token(), "dns_timeout");
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use splice_proxy::policy::{Denied, DstPattern, Policy, PortSet};
+use splice_proxy::refusal::Refusal;
 use splice_proxy::request::{Host, Target, parse_authority};
 use splice_proxy::upstream::{ConnectError, Connector, Resolver};
 
@@ -435,11 +436,12 @@ fn forbidden_answers_are_403_and_literals_are_not_resolved() {
     let t = parse_authority(&format!("rebind.test:{}", peers.port)).unwrap();
     let e = rt.block_on(connector.connect(&t, &p)).unwrap_err();
     assert!(matches!(e, ConnectError::Denied(_)), "{e}");
-    assert_eq!(e.status().code(), 403);
+    assert_eq!(Refusal::Connect(e).status().code(), 403);
     // The same with the default policy, for the real loopback address.
     let default = policy(&[], "1-65535");
     let e = rt.block_on(connector.connect(&t, &default)).unwrap_err();
-    assert_eq!(e.status().code(), 403, "{e}");
+    let r = Refusal::Connect(e);
+    assert_eq!(r.status().code(), 403, "{r}");
     assert_eq!(resolver.calls.load(Ordering::SeqCst), 2);
     // Literals: no lookup, and the same decision.
     for lit in [
@@ -448,7 +450,8 @@ fn forbidden_answers_are_403_and_literals_are_not_resolved() {
     ] {
         let t = parse_authority(&lit).unwrap();
         let e = rt.block_on(connector.connect(&t, &p)).unwrap_err();
-        assert_eq!(e.status().code(), 403, "{lit}: {e}");
+        let r = Refusal::Connect(e);
+        assert_eq!(r.status().code(), 403, "{lit}: {r}");
     }
     assert_eq!(resolver.calls.load(Ordering::SeqCst), 2);
     assert!(accepted(&peers.forbidden).is_empty());

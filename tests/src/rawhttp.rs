@@ -167,7 +167,8 @@ pub fn expect_close(s: &mut TcpStream, r: &Response, within: Duration) -> Result
     Ok(())
 }
 
-/// Checks a failure response: status, `Connection: close`, then a close.
+/// Checks a failure response: status, `Connection: close`, a well-formed
+/// `Proxy-Status`, then a close.
 pub fn expect_failure(s: &mut TcpStream, r: &Response, status: u16) -> Result<()> {
     if r.status != status {
         bail!("expected {status}, got {:?}", r.raw);
@@ -175,7 +176,49 @@ pub fn expect_failure(s: &mut TcpStream, r: &Response, status: u16) -> Result<()
     if !r.has_token("Connection", "close") {
         bail!("{status} response without `Connection: close`: {:?}", r.raw);
     }
+    proxy_status(r)?;
     expect_close(s, r, Duration::from_secs(3))
+}
+
+/// A refusal's `Proxy-Status` (RFC 9209) as `(error type, details)`: it must
+/// be exactly `splice-proxy; error=<token>; details="<sf-string>"`, the
+/// details printable ASCII with `"` and `\` escaped, and not empty.
+pub fn proxy_status(r: &Response) -> Result<(String, String)> {
+    let v = r
+        .header("Proxy-Status")
+        .with_context(|| format!("{} without Proxy-Status: {:?}", r.status, r.raw))?;
+    let bad = || anyhow::anyhow!("malformed Proxy-Status {v:?}");
+    let rest = v.strip_prefix("splice-proxy; error=").ok_or_else(bad)?;
+    let (error, quoted) = rest.split_once("; details=").ok_or_else(bad)?;
+    if error.is_empty() || !error.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        return Err(bad());
+    }
+    let inner = quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .ok_or_else(bad)?;
+    let mut details = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('"' | '\\')) => details.push(e),
+                _ => return Err(bad()),
+            },
+            '"' => return Err(bad()),
+            ' '..='~' => details.push(c),
+            _ => return Err(bad()),
+        }
+    }
+    if details.is_empty() {
+        return Err(bad());
+    }
+    Ok((error.to_string(), details))
+}
+
+/// The error type of a refusal's `Proxy-Status`; panics if malformed.
+pub fn proxy_error(r: &Response) -> String {
+    proxy_status(r).unwrap_or_else(|e| panic!("{e:#}")).0
 }
 
 /// `Basic <base64(user:pass)>` with the given scheme spelling.

@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
-    basic, connect, connect_from, connect_head, echo_upstream, expect_failure, metric, read_head,
-    run_cli,
+    basic, connect, connect_from, connect_head, echo_upstream, expect_failure, metric, proxy_error,
+    read_head, run_cli,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
 
@@ -39,6 +39,8 @@ fn expect_503(proxy: &Proxy, target: &str) {
     let _ = s.write_all(connect_head(target, &[]).as_bytes());
     let r = read_head(&mut s).expect("a response");
     expect_failure(&mut s, &r, 503).unwrap();
+    // A limit on clients, not on connections to next hops.
+    assert_eq!(proxy_error(&r), "http_request_denied", "{:?}", r.raw);
 }
 
 #[test]

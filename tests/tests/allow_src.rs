@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use splice_proxy_tests::metrics::scrape;
 use splice_proxy_tests::rawhttp::{
-    connect_from, connect_head, echo_upstream, expect_failure, metric, read_head,
+    connect_from, connect_head, echo_upstream, expect_failure, metric, proxy_error, proxy_status,
+    read_head,
 };
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port};
 
@@ -49,6 +50,9 @@ fn expect_403_unasked(from: &str, to: SocketAddr, head: Option<&str>) {
     }
     assert_eq!(r.header("Content-Type"), Some("text/plain"), "{:?}", r.raw);
     expect_failure(&mut s, &r, 403).unwrap();
+    assert_eq!(proxy_error(&r), "http_request_denied", "{:?}", r.raw);
+    let (_, details) = proxy_status(&r).unwrap();
+    assert!(details.contains("--allow-src"), "{details:?}");
 }
 
 /// Access-log events of connections from `client_ip` answered with `status`,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use splice_proxy_tests::rawhttp::{
     Response, basic, closed_port, connect, connect_head, echo_upstream, echo_upstream_at, exchange,
-    expect_failure, run_cli,
+    expect_failure, proxy_error, proxy_status, run_cli,
 };
 use splice_proxy_tests::torture::{PeerOpts, TunnelSpec, Upstream, finish_tunnel_opts};
 use splice_proxy_tests::{Proxy, TEST_POLICY, free_port, modes, read_response_head};
@@ -109,14 +109,18 @@ fn password_may_contain_colons() {
 
 // ---------------------------------------------------------------- 407 ----
 
-fn assert_407(proxy: &Proxy, up: &Upstream, extra: &[String]) {
+fn assert_407(proxy: &Proxy, up: &Upstream, extra: &[String]) -> Response {
     let r = assert_failure(proxy, connect_head(&up.target(), extra).as_bytes(), 407);
+    // No registered error type is about authentication: denied by the
+    // proxy's configuration (its users).
+    assert_eq!(proxy_error(&r), "http_request_denied", "{:?}", r.raw);
     assert_eq!(
         r.header("Proxy-Authenticate"),
         Some(r#"Basic realm="splice-proxy""#),
         "407 must carry the challenge: {:?}",
         r.raw
     );
+    r
 }
 
 #[test]
@@ -145,7 +149,20 @@ fn missing_or_wrong_credentials_get_407_with_challenge() {
             basic("Basic", "alice", "s3cret")
         )],
     ];
+    let token = |u: &str, p: &str| basic("Basic", u, p)[6..].to_string();
     for extra in &bad {
+        // Neither the response head nor the body repeats a credential.
+        let (mut s, r) =
+            exchange(proxy.addr, connect_head(&up.target(), extra).as_bytes()).unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        for secret in ["alice", "mallory", "s3cret", &token("alice", "wrong")] {
+            assert!(
+                !r.raw.contains(secret) && !body.contains(secret),
+                "{secret:?} in the 407: {:?}{body:?}",
+                r.raw
+            );
+        }
         assert_407(&proxy, &up, extra);
     }
     assert_eq!(
@@ -179,7 +196,10 @@ fn disallowed_port_gets_403_without_connecting() {
         "--allow-anonymous",
     ])
     .unwrap();
-    assert_failure(&proxy, connect_head(&up.target(), &[]).as_bytes(), 403);
+    let r = assert_failure(&proxy, connect_head(&up.target(), &[]).as_bytes(), 403);
+    assert_eq!(proxy_error(&r), "http_request_denied", "{:?}", r.raw);
+    let (_, details) = proxy_status(&r).unwrap();
+    assert!(details.contains("--allow-port"), "{details:?}");
     assert_eq!(up.accepted.load(Ordering::SeqCst), 0, "connected anyway");
 }
 
@@ -197,7 +217,13 @@ fn loopback_link_local_unspecified_get_403_by_default() {
         "169.254.169.254:443",
         "[::ffff:127.0.0.1]:443",
     ] {
-        assert_failure(&proxy, connect_head(target, &auth).as_bytes(), 403);
+        let r = assert_failure(&proxy, connect_head(target, &auth).as_bytes(), 403);
+        assert_eq!(
+            proxy_error(&r),
+            "destination_ip_prohibited",
+            "{target}: {:?}",
+            r.raw
+        );
     }
 }
 
@@ -218,7 +244,13 @@ fn malformed_heads_get_400() {
         "CONNECT :443 HTTP/1.1\r\n\r\n".to_string(),
         "\u{1}\u{2}\u{3}\u{4}\r\n\r\n".to_string(),
     ] {
-        assert_failure(&proxy, head.as_bytes(), 400);
+        let r = assert_failure(&proxy, head.as_bytes(), 400);
+        assert_eq!(
+            proxy_error(&r),
+            "http_request_error",
+            "{head:?}: {:?}",
+            r.raw
+        );
     }
 }
 
@@ -342,6 +374,7 @@ fn other_methods_get_405_with_allow_connect() {
         "OPTIONS * HTTP/1.1\r\nHost: example.com\r\n\r\n".to_string(),
     ] {
         let r = assert_failure(&proxy, head.as_bytes(), 405);
+        assert_eq!(proxy_error(&r), "http_request_error", "{:?}", r.raw);
         assert!(
             r.has_token("Allow", "CONNECT"),
             "405 without `Allow: CONNECT`: {:?}",
@@ -363,7 +396,8 @@ fn head_over_64k_gets_431() {
         "CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nX-Filler: {}\r\n\r\n",
         "a".repeat(70 << 10)
     );
-    assert_failure(&proxy, big.as_bytes(), 431);
+    let r = assert_failure(&proxy, big.as_bytes(), 431);
+    assert_eq!(proxy_error(&r), "http_request_error", "{:?}", r.raw);
     // Many headers.
     let mut many = format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n");
     for i in 0..2000 {
@@ -405,6 +439,7 @@ fn assert_header_timeout(s: &mut TcpStream, t0: Instant, what: &str) {
             rest.insert(0, first[0] as char);
             let r = splice_proxy_tests::rawhttp::parse_head(&rest).unwrap();
             expect_failure(s, &r, 408).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            assert_eq!(proxy_error(&r), "http_request_error", "{what}: {:?}", r.raw);
             "408".to_string()
         }
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -470,11 +505,12 @@ fn trickled_head_is_cut_by_the_header_timeout() {
 fn refused_upstream_gets_502() {
     let proxy = anon_proxy(&[]);
     let p = closed_port();
-    assert_failure(
+    let r = assert_failure(
         &proxy,
         connect_head(&format!("127.0.0.1:{p}"), &[]).as_bytes(),
         502,
     );
+    assert_eq!(proxy_error(&r), "connection_refused", "{:?}", r.raw);
 }
 
 /// A loopback listener with backlog 0 whose queue is already full: the
@@ -520,7 +556,8 @@ fn connect_timeout_gets_504() {
     let (addr, _fillers) = blackhole();
     let proxy = anon_proxy(&["--connect-timeout", "1s"]);
     let t0 = Instant::now();
-    assert_failure(&proxy, connect_head(&addr.to_string(), &[]).as_bytes(), 504);
+    let r = assert_failure(&proxy, connect_head(&addr.to_string(), &[]).as_bytes(), 504);
+    assert_eq!(proxy_error(&r), "connection_timeout", "{:?}", r.raw);
     let took = t0.elapsed();
     assert!(
         took >= Duration::from_millis(800) && took < Duration::from_secs(4),
@@ -629,7 +666,8 @@ fn max_tunnels_gives_503_then_frees_the_slot() {
     let proxy = anon_proxy(&["--max-tunnels", "1"]);
     let mut first = assert_200(&proxy, connect_head(&up.target(), &[]).as_bytes());
     echo_roundtrip(&mut first, b"one");
-    assert_failure(&proxy, connect_head(&up.target(), &[]).as_bytes(), 503);
+    let r = assert_failure(&proxy, connect_head(&up.target(), &[]).as_bytes(), 503);
+    assert_eq!(proxy_error(&r), "connection_limit_reached", "{:?}", r.raw);
     echo_roundtrip(&mut first, b"still alive");
     drop(first);
     // The slot comes back once the first tunnel is gone.
