@@ -878,24 +878,87 @@ async fn empty_queue(src: &TcpStream, dst: &TcpStream) -> io::Result<(u64, bool)
     }
 }
 
+/// What a watch of a socket is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Its FIN (the program forwards the socket and userspace never reads it) and errors.
+    Fin,
+    /// Errors only: its FIN was seen already.
+    Errors,
+    /// Nothing: userspace reads the socket (pumped or spliced) and sees both itself.
+    Nothing,
+}
+
 /// What happened on a watched socket.
-enum Event {
+#[derive(Debug)]
+enum Close {
     Fin,
     Reset(io::Error),
 }
 
+/// Where the watch loop hears of FIN and errors.
+enum Closes<'s> {
+    /// A tunnel with a socket userspace pumps: both sockets stay in tokio's reactor.
+    Reactor {
+        client: &'s TcpStream,
+        upstream: &'s TcpStream,
+    },
+    /// A fully armed tunnel: a private epoll set that only FIN and errors wake (see
+    /// [`Registration::run_detached`]).
+    Private(CloseWatch),
+}
+
+impl Closes<'_> {
+    /// The next FIN (of a side that wants it) or error, with every other event seen at the same
+    /// time; never resolves while no side wants anything.
+    async fn next(&self, wants: [Want; 2]) -> io::Result<Vec<(Side, Close)>> {
+        match self {
+            Closes::Reactor { client, upstream } => {
+                tokio::select! {
+                    c = watch_reactor(client, wants[0]) => Ok(vec![(Side::Client, c)]),
+                    c = watch_reactor(upstream, wants[1]) => Ok(vec![(Side::Upstream, c)]),
+                }
+            }
+            Closes::Private(watch) => loop {
+                let mut closes = Vec::new();
+                for (side, mask) in watch.next().await? {
+                    if let Ok(Some(e)) = sys::take_error(watch.fd(side)) {
+                        closes.push((side, Close::Reset(e)));
+                    } else if mask & libc::EPOLLERR as u32 != 0 {
+                        closes.push((side, Close::Reset(io::Error::other("socket error"))));
+                    } else if mask & libc::EPOLLRDHUP as u32 != 0 {
+                        closes.push((side, Close::Fin));
+                    }
+                }
+                if !closes.is_empty() {
+                    return Ok(closes);
+                }
+            },
+        }
+    }
+}
+
+/// One socket in tokio's reactor, watched for what `want` says; never resolves for `Nothing`.
+async fn watch_reactor(s: &TcpStream, want: Want) -> Close {
+    match want {
+        Want::Fin => next_event(s).await,
+        Want::Errors => Close::Reset(next_error(s).await),
+        Want::Nothing => std::future::pending().await,
+    }
+}
+
 /// Waits for the socket's remote to send FIN or RST. Data never wakes us:
 /// the program consumes it before it reaches the socket's queue.
-async fn next_event(s: &TcpStream) -> Event {
+async fn next_event(s: &TcpStream) -> Close {
     loop {
         match s.ready(Interest::READABLE | Interest::ERROR).await {
-            Err(e) => return Event::Reset(e),
+            Err(e) => return Close::Reset(e),
             Ok(ready) => {
                 if let Ok(Some(e)) = s.take_error() {
-                    return Event::Reset(e);
+                    return Close::Reset(e);
                 }
                 if ready.is_read_closed() {
-                    return Event::Fin;
+                    return Close::Fin;
                 }
                 // Spurious readiness: clear it and wait for the next edge.
                 let _ = s.try_io(Interest::READABLE, || {
@@ -925,7 +988,9 @@ async fn next_error(s: &TcpStream) -> io::Error {
 }
 
 impl Registration<'_> {
-    /// Watches the armed tunnel until it ends.
+    /// Watches a tunnel that has a socket the program does not forward (it could not be armed)
+    /// until it ends: userspace pumps that socket's direction, and both sockets stay in tokio's
+    /// reactor.
     pub async fn run(
         &self,
         client: &TcpStream,
@@ -933,9 +998,8 @@ impl Registration<'_> {
         idle: Option<Duration>,
         cancel: &CancellationToken,
     ) -> (End, Option<String>) {
-        let (mut up_done, mut down_done) = (false, false);
         // A socket that could not be armed is read by userspace.
-        let mut up_pump: Option<PumpFuture<'_>> = (!self.client_armed).then(|| {
+        let up_pump: Option<PumpFuture<'_>> = (!self.client_armed).then(|| {
             Box::pin(super::copy::pump(
                 client,
                 upstream,
@@ -943,7 +1007,7 @@ impl Registration<'_> {
                 &self.userspace,
             )) as PumpFuture<'_>
         });
-        let mut down_pump: Option<PumpFuture<'_>> = (!self.upstream_armed).then(|| {
+        let down_pump: Option<PumpFuture<'_>> = (!self.upstream_armed).then(|| {
             Box::pin(super::copy::pump(
                 upstream,
                 client,
@@ -951,6 +1015,24 @@ impl Registration<'_> {
                 &self.userspace,
             )) as PumpFuture<'_>
         });
+        let watch = Closes::Reactor { client, upstream };
+        self.watch(client, upstream, &watch, [up_pump, down_pump], idle, cancel)
+            .await
+    }
+
+    /// The one watch loop of an armed tunnel: FIN and errors from `closes`, hold wake-ups (held
+    /// bytes to move, or a direction to take off the kernel path), spliced directions, the
+    /// pumps of sockets that could not be armed, the idle clock and shutdown.
+    async fn watch<S: AsFd>(
+        &self,
+        client: &S,
+        upstream: &S,
+        closes: &Closes<'_>,
+        pumps: [Option<PumpFuture<'_>>; 2],
+        idle: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> (End, Option<String>) {
+        let [mut up_pump, mut down_pump] = pumps;
         let pump_end = |e: PumpError, dir: Dir| match (e, dir) {
             (PumpError::Read(e), Dir::Up) | (PumpError::Write(e), Dir::Down) => {
                 (End::ClientReset, Some(format!("client: {e}")))
@@ -959,28 +1041,55 @@ impl Registration<'_> {
                 (End::UpstreamReset, Some(format!("upstream: {e}")))
             }
         };
+        let (mut up_done, mut down_done) = (false, false);
         let mut clock = IdleClock::new(idle, self.bytes());
-        let mut movers = self.movers(client.as_raw_fd(), upstream.as_raw_fd());
+        let (client_fd, upstream_fd) = (client.as_fd().as_raw_fd(), upstream.as_fd().as_raw_fd());
+        let mut movers = self.movers(client_fd, upstream_fd);
         while !(up_done && down_done) {
+            // A FIN matters on a socket the program forwards and userspace does not read: a
+            // pumped or spliced direction sees its FIN in its own reads.
+            let want = |done: bool, armed: bool, spliced: bool| match (done, armed && !spliced) {
+                (true, _) => Want::Errors,
+                (false, true) => Want::Fin,
+                (false, false) => Want::Nothing,
+            };
+            let wants = [
+                want(up_done, self.client_armed, movers.up_spliced.is_some()),
+                want(
+                    down_done,
+                    self.upstream_armed,
+                    movers.down_spliced.is_some(),
+                ),
+            ];
             tokio::select! {
-                ev = next_event(client), if !up_done && self.client_armed && movers.up_spliced.is_none() => match ev {
-                    Event::Reset(e) => return (End::ClientReset, Some(format!("client: {e}"))),
-                    Event::Fin => {
-                        if let Err(end) = self.drain(client, self.client, upstream, Dir::Up, &mut movers.up).await {
-                            return end;
+                events = closes.next(wants) => {
+                    let events = match events {
+                        Ok(ev) => ev,
+                        Err(e) => return (End::Failed, Some(format!("watching for FIN: {e}"))),
+                    };
+                    for (side, close) in events {
+                        let (end, name) = match side {
+                            Side::Client => (End::ClientReset, "client"),
+                            Side::Upstream => (End::UpstreamReset, "upstream"),
+                        };
+                        match close {
+                            Close::Reset(e) => return (end, Some(format!("{name}: {e}"))),
+                            Close::Fin if side == Side::Client && wants[0] == Want::Fin => {
+                                if let Err(end) = self.drain(client, self.client, upstream, Dir::Up, &mut movers.up).await {
+                                    return end;
+                                }
+                                up_done = true;
+                            }
+                            Close::Fin if side == Side::Upstream && wants[1] == Want::Fin => {
+                                if let Err(end) = self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down).await {
+                                    return end;
+                                }
+                                down_done = true;
+                            }
+                            Close::Fin => {}
                         }
-                        up_done = true;
                     }
-                },
-                ev = next_event(upstream), if !down_done && self.upstream_armed && movers.down_spliced.is_none() => match ev {
-                    Event::Reset(e) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
-                    Event::Fin => {
-                        if let Err(end) = self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down).await {
-                            return end;
-                        }
-                        down_done = true;
-                    }
-                },
+                }
                 () = held(&self.up_holds), if !up_done && self.client_armed => {
                     if let Err(end) = self.advance(&mut movers, Dir::Up).await {
                         return end;
@@ -1016,8 +1125,6 @@ impl Registration<'_> {
                     Ok(()) => down_done = true,
                     Err(e) => return pump_end(e, Dir::Down),
                 },
-                e = next_error(client), if up_done => return (End::ClientReset, Some(format!("client: {e}"))),
-                e = next_error(upstream), if down_done => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
                 () = tokio::time::sleep_until(clock.next_check), if idle.is_some() => {
                     if clock.expired(self.bytes()) {
                         return (End::Idle, None);
@@ -1100,102 +1207,13 @@ impl Registration<'_> {
         };
         let result = match CloseWatch::new(&client, &upstream) {
             Ok(watch) => {
-                self.watch_kernel(&client, &upstream, &watch, idle, cancel)
+                let closes = Closes::Private(watch);
+                self.watch(&client, &upstream, &closes, [None, None], idle, cancel)
                     .await
             }
             Err(e) => (End::Failed, Some(format!("watching for FIN: {e}"))),
         };
         (result, Some((client, upstream)))
-    }
-
-    async fn watch_kernel(
-        &self,
-        client: &StdTcpStream,
-        upstream: &StdTcpStream,
-        watch: &CloseWatch,
-        idle: Option<Duration>,
-        cancel: &CancellationToken,
-    ) -> (End, Option<String>) {
-        let (mut up_done, mut down_done) = (false, false);
-        let mut clock = IdleClock::new(idle, self.bytes());
-        let mut movers = self.movers(client.as_raw_fd(), upstream.as_raw_fd());
-        while !(up_done && down_done) {
-            tokio::select! {
-                () = held(&self.up_holds), if !up_done => {
-                    if let Err(end) = self.advance(&mut movers, Dir::Up).await {
-                        return end;
-                    }
-                }
-                r = spliced_run(&mut movers.up_spliced, self.sockmap.backlog, &self.spliced, Dir::Up), if !up_done => {
-                    match self.spliced_stopped(&mut movers, Dir::Up, r) {
-                        Ok(done) => up_done = done,
-                        Err(end) => return end,
-                    }
-                }
-                () = held(&self.down_holds), if !down_done => {
-                    if let Err(end) = self.advance(&mut movers, Dir::Down).await {
-                        return end;
-                    }
-                }
-                r = spliced_run(&mut movers.down_spliced, self.sockmap.backlog, &self.spliced, Dir::Down), if !down_done => {
-                    match self.spliced_stopped(&mut movers, Dir::Down, r) {
-                        Ok(done) => down_done = done,
-                        Err(end) => return end,
-                    }
-                }
-                () = tokio::time::sleep(HOLD_TICK), if movers.busy(up_done, down_done) => {
-                    if let Err(end) = movers.tick(self, up_done, down_done) {
-                        return end;
-                    }
-                }
-                events = watch.next() => {
-                    let events = match events {
-                        Ok(ev) => ev,
-                        Err(e) => return (End::Failed, Some(format!("watching for FIN: {e}"))),
-                    };
-                    for (side, mask) in events {
-                        let (sock, end, name) = match side {
-                            Side::Client => (client, End::ClientReset, "client"),
-                            Side::Upstream => (upstream, End::UpstreamReset, "upstream"),
-                        };
-                        if let Ok(Some(e)) = sock.take_error() {
-                            return (end, Some(format!("{name}: {e}")));
-                        }
-                        if mask & libc::EPOLLERR as u32 != 0 {
-                            return (end, Some(format!("{name}: socket error")));
-                        }
-                        if mask & libc::EPOLLRDHUP as u32 == 0 {
-                            continue;
-                        }
-                        match side {
-                            // A spliced direction sees its FIN in its own reads.
-                            Side::Client if movers.up_spliced.is_some() => {}
-                            Side::Upstream if movers.down_spliced.is_some() => {}
-                            Side::Client if !up_done => {
-                                if let Err(end) = self.drain(client, self.client, upstream, Dir::Up, &mut movers.up).await {
-                                    return end;
-                                }
-                                up_done = true;
-                            }
-                            Side::Upstream if !down_done => {
-                                if let Err(end) = self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down).await {
-                                    return end;
-                                }
-                                down_done = true;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                () = tokio::time::sleep_until(clock.next_check), if idle.is_some() => {
-                    if clock.expired(self.bytes()) {
-                        return (End::Idle, None);
-                    }
-                }
-                () = cancel.cancelled() => return (End::Shutdown, None),
-            }
-        }
-        (End::Closed, None)
     }
 }
 
@@ -1252,6 +1270,8 @@ enum Side {
 /// itself watched by tokio.
 struct CloseWatch {
     epoll: AsyncFd<OwnedFd>,
+    /// The two sockets, open for as long as the watch (the tunnel owns them).
+    fds: [RawFd; 2],
 }
 
 impl CloseWatch {
@@ -1268,7 +1288,14 @@ impl CloseWatch {
                 Side::Upstream as u64,
             ),
         ])?;
-        Ok(CloseWatch { epoll })
+        Ok(CloseWatch {
+            epoll,
+            fds: [client.as_fd().as_raw_fd(), upstream.as_fd().as_raw_fd()],
+        })
+    }
+
+    fn fd(&self, side: Side) -> RawFd {
+        self.fds[side as usize]
     }
 
     /// Waits for events and returns them: (which socket, epoll mask).

@@ -92,6 +92,26 @@ fn set_forced(fd: RawFd, forced: libc::c_int, plain: libc::c_int, bytes: u64) ->
     setsockopt_int(fd, forced, half).or_else(|_| setsockopt_int(fd, plain, half))
 }
 
+/// The socket's pending error (`SO_ERROR`), which reading it clears.
+pub(super) fn take_error(fd: RawFd) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd is an open socket; err/len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
 /// `SO_RCVLOWAT`. On a socket in a sockmap, setting it runs whatever is queued through the
 /// verdict program (`tcp_set_rcvlowat` → `tcp_data_ready`).
 pub(super) fn set_rcvlowat(fd: RawFd, value: libc::c_int) -> io::Result<()> {
