@@ -5,14 +5,12 @@
 //! again. An episode of failures logs one warning when it starts and one
 //! `accept recovered` line once no accept has failed for [`QUIET`], so a
 //! limit that frees one descriptor at a time does not log per accept. Every
-//! failure is counted in `splice_proxy_accept_errors_total{kind}`.
+//! failure is counted by the server in `splice_proxy_accept_errors_total{kind}`.
 
 use std::io;
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-use crate::metrics::Metrics;
 
 /// First wait after a failed accept.
 pub const FIRST_WAIT: Duration = Duration::from_millis(10);
@@ -63,11 +61,11 @@ impl AcceptBackoff {
         }
     }
 
-    /// An accept failed with `e`: counts it, logs it if it starts an
-    /// episode, and returns how long to wait before accepting again.
-    pub fn failed(&mut self, e: &io::Error, metrics: &Metrics) -> Duration {
+    /// An accept failed with `e`: logs it if it starts an episode, and
+    /// returns how long to wait before accepting again. The caller counts it
+    /// (under [`kind`]).
+    pub fn failed(&mut self, e: &io::Error) -> Duration {
         let kind = kind(e);
-        metrics.accept_failed(kind);
         let now = Instant::now();
         match &mut self.episode {
             None => {
@@ -118,7 +116,6 @@ impl AcceptBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::Mode;
 
     fn emfile() -> io::Error {
         io::Error::from_raw_os_error(libc::EMFILE)
@@ -126,42 +123,25 @@ mod tests {
 
     #[test]
     fn waits_grow_to_the_cap_and_start_over_after_recovery() {
-        let metrics = Metrics::new(Mode::Copy);
         let mut b = AcceptBackoff::default();
         let waits: Vec<u64> = (0..6)
-            .map(|_| b.failed(&emfile(), &metrics).as_millis() as u64)
+            .map(|_| b.failed(&emfile()).as_millis() as u64)
             .collect();
         assert_eq!(waits, [10, 20, 40, 80, 100, 100]);
         b.recovered();
         // A new episode starts from the first wait again.
-        assert_eq!(b.failed(&emfile(), &metrics), FIRST_WAIT);
-    }
-
-    #[test]
-    fn every_failure_is_counted_by_kind() {
-        let metrics = Metrics::new(Mode::Copy);
-        let mut b = AcceptBackoff::default();
-        for _ in 0..3 {
-            b.failed(&emfile(), &metrics);
-        }
-        b.failed(&io::Error::from_raw_os_error(libc::ENOBUFS), &metrics);
-        let text = metrics.render();
-        for (kind, n) in [("fd_limit", 3), ("memory", 1), ("other", 0)] {
-            let line = format!("splice_proxy_accept_errors_total{{kind=\"{kind}\"}} {n}\n");
-            assert!(text.contains(&line), "{line} missing in\n{text}");
-        }
+        assert_eq!(b.failed(&emfile()), FIRST_WAIT);
     }
 
     #[tokio::test]
     async fn an_episode_goes_quiet_only_after_the_last_failure() {
-        let metrics = Metrics::new(Mode::Copy);
         let quiet = Duration::from_millis(200);
         let mut b = AcceptBackoff::with_quiet(quiet);
         let none = tokio::time::timeout(quiet * 2, b.quiet()).await;
         assert!(none.is_err(), "no episode: never quiet");
-        b.failed(&emfile(), &metrics);
+        b.failed(&emfile());
         tokio::time::sleep(quiet / 2).await;
-        b.failed(&emfile(), &metrics);
+        b.failed(&emfile());
         let t0 = Instant::now();
         b.quiet().await;
         assert!(

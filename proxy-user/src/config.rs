@@ -10,7 +10,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cidr::IpNet;
-use crate::policy::{DstPattern, PortSet};
+use crate::duration::{parse_duration, parse_duration_nonzero};
+use crate::limits::Limits;
+use crate::policy::{DstPattern, Policy, PortSet};
+use crate::server::Settings;
+pub use crate::tunnel::ModeArg;
 use crate::tunnel::holds::{Backlog, Overrun};
 
 #[derive(Debug, Parser)]
@@ -31,19 +35,6 @@ pub enum Command {
     /// Report which data paths work on this machine, one per line:
     /// `<mode> ok` or `<mode> unavailable: <reason>`.
     Probe,
-}
-
-/// The data path that forwards tunnel bytes once the handshake is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// sockmap if it loads and is sound here, else splice, else copy.
-    Auto,
-    /// eBPF sk_skb redirect: bytes never reach userspace.
-    Sockmap,
-    /// splice(2) through a pipe per direction.
-    Splice,
-    /// tokio copy through userspace buffers.
-    Copy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -257,6 +248,22 @@ impl RunArgs {
 }
 
 impl Config {
+    /// What the server needs: the destination policy, the connection limits and the timeouts.
+    pub fn server_settings(&self) -> Settings {
+        Settings {
+            policy: Policy::new(self.allow_dst.clone(), self.allow_port.clone()),
+            limits: Limits::new(
+                self.max_handshakes,
+                self.max_conns_per_ip,
+                self.auth_fail_delay,
+            )
+            .with_allow_src(self.allow_src.clone()),
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            max_tunnels: self.max_tunnels,
+        }
+    }
+
     /// A warning when anonymous tunnels are open to every address that can
     /// reach a non-loopback listener; `None` when `--allow-src` says who may
     /// connect (anonymous by source network is a real mode: stunnel with
@@ -355,32 +362,6 @@ fn parse_backlog(s: &str) -> Result<Backlog, String> {
     })
 }
 
-/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("expected a duration like 500ms, 10s, 2m: {s:?}"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("unknown unit {unit:?}: use ms, s, m or h")),
-    };
-    Ok(d)
-}
-
-fn parse_duration_nonzero(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,17 +374,6 @@ mod tests {
             Command::Run(a) => a.validate().map_err(|e| e.0),
             Command::Probe => unreachable!(),
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration_nonzero("0s").is_err());
     }
 
     #[test]

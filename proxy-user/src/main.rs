@@ -161,7 +161,7 @@ async fn serve(
     }
     let metrics = Arc::new(metrics);
     let proxy = Arc::new(Proxy::new(
-        &cfg,
+        cfg.server_settings(),
         auth.clone(),
         connector,
         selection.datapath,

@@ -690,6 +690,24 @@ mod tests {
     }
 
     #[test]
+    fn every_accept_failure_is_counted_by_kind() {
+        use std::io;
+        let m = Metrics::new(Mode::Copy);
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        for _ in 0..3 {
+            m.accept_failed(crate::accept_backoff::kind(&emfile));
+        }
+        m.accept_failed(crate::accept_backoff::kind(&io::Error::from_raw_os_error(
+            libc::ENOBUFS,
+        )));
+        let text = m.render();
+        for (kind, n) in [("fd_limit", 3), ("memory", 1), ("other", 0)] {
+            let line = format!("splice_proxy_accept_errors_total{{kind=\"{kind}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
     fn names_labels_and_values() {
         let m = Metrics::new(Mode::Splice);
         let t = m.render();

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use crate::cidr::{CidrError, IpNet, canonical};
-use crate::request::{Host, Target};
+use crate::request::{Host, Target, normalize_name};
 
 /// One `--allow-dst` pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,11 +22,6 @@ pub enum DstPattern {
     Suffix(String),
     /// An address or network.
     Net(IpNet),
-}
-
-/// Lower case, without one trailing dot: the form names are compared in.
-pub fn normalize_name(name: &str) -> String {
-    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 impl DstPattern {

@@ -285,7 +285,7 @@ pub fn parse_authority(s: &str) -> Result<Target, AuthorityError> {
         let host = if let Ok(ip) = literal.parse::<std::net::Ipv4Addr>() {
             Host::Ip(IpAddr::V4(ip))
         } else if is_valid_hostname(host) {
-            Host::Name(crate::policy::normalize_name(host))
+            Host::Name(normalize_name(host))
         } else {
             return Err(AuthorityError::BadHost(host.chars().take(64).collect()));
         };
@@ -312,6 +312,11 @@ fn parse_port(port: &str) -> Option<u16> {
         return None;
     }
     port.parse().ok().filter(|p| *p != 0)
+}
+
+/// Lower case, without one trailing dot: the form names are compared in.
+pub fn normalize_name(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 /// Letters, digits, '-', '_' in dot-separated labels of 1-63 bytes, 253 in all;

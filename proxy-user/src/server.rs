@@ -12,10 +12,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept_backoff::AcceptBackoff;
+use crate::accept_backoff::{self, AcceptBackoff};
 use crate::access_log::Record;
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::config::Config;
 use crate::limits::{Admission, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -61,9 +60,21 @@ impl From<Refusal> for Failed {
     }
 }
 
+/// What the server needs from the configuration, built by `config.rs` (configuration flows one
+/// way: the server never reads CLI types).
+pub struct Settings {
+    /// `--allow-dst` and `--allow-port`.
+    pub policy: Policy,
+    /// `--allow-src`, `--max-handshakes`, `--max-conns-per-ip`, `--auth-fail-delay`.
+    pub limits: Limits,
+    pub header_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_tunnels: usize,
+}
+
 impl Proxy {
     pub fn new(
-        cfg: &Config,
+        settings: Settings,
         auth: Arc<Authenticator>,
         connector: Connector,
         datapath: DataPath,
@@ -71,19 +82,14 @@ impl Proxy {
     ) -> Proxy {
         Proxy {
             auth,
-            policy: Policy::new(cfg.allow_dst.clone(), cfg.allow_port.clone()),
+            policy: settings.policy,
             connector,
             datapath,
-            header_timeout: cfg.header_timeout,
-            idle_timeout: cfg.idle_timeout,
+            header_timeout: settings.header_timeout,
+            idle_timeout: settings.idle_timeout,
             metrics,
-            limits: Limits::new(
-                cfg.max_handshakes,
-                cfg.max_conns_per_ip,
-                cfg.auth_fail_delay,
-            )
-            .with_allow_src(cfg.allow_src.clone()),
-            tunnels: Arc::new(Semaphore::new(cfg.max_tunnels)),
+            limits: settings.limits,
+            tunnels: Arc::new(Semaphore::new(settings.max_tunnels)),
             close_tunnels: CancellationToken::new(),
         }
     }
@@ -364,7 +370,8 @@ async fn accept_loop(
             Err(e) => {
                 // EMFILE and friends: the backlog keeps the listener
                 // readable, so wait rather than spin.
-                let wait = backoff.failed(&e, &proxy.metrics);
+                proxy.metrics.accept_failed(accept_backoff::kind(&e));
+                let wait = backoff.failed(&e);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = stop.cancelled() => return,
@@ -398,7 +405,13 @@ mod tests {
             timeout: Duration::from_secs(2),
         };
         let metrics = Arc::new(Metrics::new(crate::tunnel::Mode::Copy));
-        let proxy = Arc::new(Proxy::new(&cfg, auth, connector, DataPath::Copy, metrics));
+        let proxy = Arc::new(Proxy::new(
+            cfg.server_settings(),
+            auth,
+            connector,
+            DataPath::Copy,
+            metrics,
+        ));
         let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).await.unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let stop = CancellationToken::new();

@@ -1,8 +1,9 @@
-//! `cargo xtask setup | build | run | test | fuzz | bench`: the project's own entry points, so a fresh machine
+//! `cargo xtask setup | build | run | test | fuzz | bench | layout`: the project's own entry points, so a fresh machine
 //! and CI do exactly what a developer does.
 
 mod bench;
 mod fuzz;
+mod layout;
 mod setup;
 mod util;
 
@@ -51,6 +52,9 @@ enum Task {
     /// Setup, then run the cargo-fuzz targets (request head, Basic credentials) for a bounded
     /// time each from the committed corpus; fails on any crash, panic or hang.
     Fuzz(fuzz::Opts),
+    /// Check proxy-user/src's house rules: no import cycles, config read only by main,
+    /// files within 600 lines of code, `unsafe` only where allowed (xtask/src/layout.rs).
+    Layout,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Bench(opts) => bench(&opts),
         Task::Fuzz(opts) => setup::run().and_then(|()| fuzz::run(&opts)),
+        Task::Layout => layout::check(&workspace_root().join("proxy-user/src")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +174,12 @@ fn test(args: &[OsString]) -> Result<()> {
         "fuzz",
         "fuzz the request head and Basic decoders",
         Command::new(xtask).arg("fuzz"),
+    );
+
+    check(
+        "layout",
+        "check the module layout rules",
+        Command::new(std::env::current_exe().context("locating the xtask binary")?).arg("layout"),
     );
 
     // Lints do not need the eBPF object: skip its (separate, dev-profile) build.

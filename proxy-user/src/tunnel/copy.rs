@@ -4,7 +4,7 @@ use std::io;
 
 use tokio::net::TcpStream;
 
-use super::{Dir, Progress, PumpError, shutdown_write};
+use super::pump::{Dir, Progress, PumpError, shutdown_write};
 
 /// Per-direction buffer; allocated when the first byte arrives so idle
 /// tunnels cost no buffer memory.

@@ -8,25 +8,40 @@
 
 mod copy;
 mod detach;
+mod end;
 pub mod holds;
+mod pump;
 mod self_check;
 pub mod sockmap;
 mod splice;
 mod spliced;
 mod sys;
 
+pub use end::End;
+pub(crate) use pump::{Dir, Progress, PumpError};
+
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ModeArg;
+/// The data path asked for on the command line (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// sockmap if it loads and is sound here, else splice, else copy.
+    Auto,
+    /// eBPF sk_skb redirect: bytes never reach userspace.
+    Sockmap,
+    /// splice(2) through a pipe per direction.
+    Splice,
+    /// tokio copy through userspace buffers.
+    Copy,
+}
 
 /// A data path that forwards an established tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,32 +205,6 @@ fn tcp_sockets() -> Option<u64> {
     words.next()?.parse().ok()
 }
 
-/// How a tunnel ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both directions finished with a FIN.
-    Closed,
-    ClientReset,
-    UpstreamReset,
-    Idle,
-    Shutdown,
-    /// The data path could not take the tunnel over.
-    Failed,
-}
-
-impl fmt::Display for End {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            End::Closed => "closed",
-            End::ClientReset => "client_reset",
-            End::UpstreamReset => "upstream_reset",
-            End::Idle => "idle_timeout",
-            End::Shutdown => "shutdown",
-            End::Failed => "failed",
-        })
-    }
-}
-
 /// What a finished tunnel reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -238,70 +227,6 @@ pub struct Outcome {
     /// Sockmap: times a direction left the kernel path for splice, and came back to it.
     pub detaches: u64,
     pub rearms: u64,
-}
-
-/// Byte counts and the time of the last byte, shared by both directions.
-pub(crate) struct Progress {
-    start: Instant,
-    last_ms: AtomicU64,
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-        }
-    }
-
-    fn add(&self, dir: Dir, n: usize) {
-        let counter = match dir {
-            Dir::Up => &self.up,
-            Dir::Down => &self.down,
-        };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let quiet = self.start.elapsed().saturating_sub(last);
-            if quiet >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - quiet).await;
-        }
-    }
-}
-
-/// A direction of a tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dir {
-    /// client → upstream
-    Up,
-    /// upstream → client
-    Down,
-}
-
-/// Where a direction failed: reading its source or writing its destination.
-#[derive(Debug)]
-pub(crate) enum PumpError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-/// Shuts the write side of `dst` after its source sent EOF.
-pub(crate) fn shutdown_write(dst: &TcpStream) -> Result<(), PumpError> {
-    socket2::SockRef::from(dst)
-        .shutdown(Shutdown::Write)
-        .map_err(PumpError::Write)
 }
 
 /// Forwards `client` ⇄ `upstream` with `mode` until the tunnel ends.

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::End;
+use super::end::End;
 use super::holds::Overrun;
 use super::sockmap::Sockmap;
 

@@ -34,10 +34,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::detach::{Answer, Detacher, Walker};
+use super::end::End;
 use super::holds::{Backlog, Counters, HoldWaiters, MoveError, Mover, Overrun, SPLICE_QUIET, Step};
+use super::pump::{self, Progress, PumpError};
 use super::spliced::{Spliced, Stop};
 use super::sys::{self, established, queued_total, set_rcvlowat, set_sndbuf};
-use super::{End, Progress, PumpError};
 use crate::ebpf::{
     self, ARMED_MAP, BYTES_MAP, Counts, DETACH_MAP, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP,
     Limit, MOVED_MAP, PEERS_MAP, WALK_MAP,
@@ -1003,7 +1004,7 @@ impl Registration<'_> {
             Box::pin(super::copy::pump(
                 client,
                 upstream,
-                super::Dir::Up,
+                pump::Dir::Up,
                 &self.userspace,
             )) as PumpFuture<'_>
         });
@@ -1011,7 +1012,7 @@ impl Registration<'_> {
             Box::pin(super::copy::pump(
                 upstream,
                 client,
-                super::Dir::Down,
+                pump::Dir::Down,
                 &self.userspace,
             )) as PumpFuture<'_>
         });
@@ -1322,11 +1323,11 @@ enum Dir {
     Down,
 }
 
-impl From<Dir> for super::Dir {
-    fn from(d: Dir) -> super::Dir {
+impl From<Dir> for pump::Dir {
+    fn from(d: Dir) -> pump::Dir {
         match d {
-            Dir::Up => super::Dir::Up,
-            Dir::Down => super::Dir::Down,
+            Dir::Up => pump::Dir::Up,
+            Dir::Down => pump::Dir::Down,
         }
     }
 }

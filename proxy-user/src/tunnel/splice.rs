@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{Dir, Progress, PumpError, shutdown_write};
+use super::pump::{Dir, Progress, PumpError, shutdown_write};
 
 /// Pipe capacity asked for; the kernel may grant less (pipe-max-size).
 pub(super) const PIPE_SIZE: usize = 1024 * 1024;
