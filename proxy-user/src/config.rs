@@ -35,6 +35,8 @@ pub enum Command {
     /// Report which data paths work on this machine, one per line:
     /// `<mode> ok` or `<mode> unavailable: <reason>`.
     Probe,
+    /// Check whether a proxy (ours or not) can carry a migration's tunnels.
+    Doctor(Box<crate::doctor::DoctorArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -372,7 +374,7 @@ mod tests {
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         match cli.command {
             Command::Run(a) => a.validate().map_err(|e| e.0),
-            Command::Probe => unreachable!(),
+            Command::Probe | Command::Doctor(_) => unreachable!(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod btf;
 pub mod cidr;
 pub mod config;
 pub mod credentials;
+pub mod doctor;
 pub mod duration;
 pub mod ebpf;
 pub mod limits;

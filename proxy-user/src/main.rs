@@ -51,6 +51,18 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Doctor(args) => match splice_proxy::doctor::run(&args) {
+            Err(e) => config_error(e),
+            Ok(report) => {
+                let out = if args.json {
+                    report.json()
+                } else {
+                    report.text()
+                };
+                print!("{}{}", out, if args.json { "\n" } else { "" });
+                ExitCode::from(report.exit_code())
+            }
+        },
         Command::Run(args) => match args.validate() {
             Err(e) => config_error(e),
             Ok(cfg) => run(cfg),
