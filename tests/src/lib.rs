@@ -39,6 +39,15 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Holds the test binary's one lock: tests that load both CPUs, or that measure CPU or time,
+/// take it so that no other test of the same binary runs beside them (cargo runs a binary's
+/// tests on parallel threads; a busy machine slows the kernel's redirect worker and changes
+/// which data path a reader-bound direction takes).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; good enough on a test box).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

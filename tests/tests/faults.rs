@@ -14,7 +14,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -24,7 +24,7 @@ use splice_proxy_tests::torture::{
     Pattern, PeerOpts, TunnelRun, TunnelSpec, Upstream, finish_tunnel_opts, run_seed, run_tunnel,
     set_linger_zero,
 };
-use splice_proxy_tests::{Proxy, TEST_POLICY, free_port, modes, raise_fd_limit};
+use splice_proxy_tests::{Proxy, TEST_POLICY, free_port, modes, raise_fd_limit, serial};
 
 /// A fault, and the function that inflicts it on one data path.
 struct Fault {
@@ -75,12 +75,6 @@ const MIB: usize = 1 << 20;
 const PROMPT: Duration = Duration::from_secs(10);
 /// `--idle-timeout` for the cases it ends.
 const IDLE: &str = "1s";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Runs one row of [`FAULTS`] against every mode; fails listing each mode
 /// that failed.

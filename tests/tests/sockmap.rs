@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use splice_proxy_tests::metrics::{scrape, value};
 use splice_proxy_tests::resources::{bpf_ids, cpu_secs};
-use splice_proxy_tests::{Proxy, TEST_POLICY, access_field};
+use splice_proxy_tests::{Proxy, TEST_POLICY, access_field, serial};
 
 const TOTAL: u64 = 2 << 30;
 /// The sender's pace in `two_gib_bypass_userspace`: 2 GiB in about 5 s.
@@ -17,6 +17,8 @@ const PACE_BYTES_PER_SEC: f64 = 400e6;
 
 #[test]
 fn two_gib_bypass_userspace() {
+    // The CPU figure below is this test's point: nothing else of this binary runs beside it.
+    let _serial = serial();
     let proxy = match Proxy::start_mode("sockmap", &[]) {
         Ok(p) => p,
         Err(e) => panic!("sockmap must load on this kernel (root, BPF sockmap): {e:#}"),
@@ -91,10 +93,6 @@ fn two_gib_bypass_userspace() {
     assert_eq!(received, TOTAL, "bytes lost or duplicated");
     assert_eq!(first_bad, None, "bytes corrupted from this offset on");
     assert!(rest.is_empty());
-    assert!(
-        cpu < 0.05,
-        "the proxy used {cpu:.3} s of CPU for 2 GiB: bytes went through userspace"
-    );
 
     // The access log's byte counts come from the program's per-socket counters.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -112,6 +110,11 @@ fn two_gib_bypass_userspace() {
     assert!(line.contains("mode=sockmap"), "{line}");
     assert_eq!(access_field(&line, "bytes_up"), Some(TOTAL), "{line}");
     assert_eq!(access_field(&line, "bytes_down"), Some(0), "{line}");
+    // The access log says which way the bytes went (kernel_bytes, spliced_bytes, relayed_bytes).
+    assert!(
+        cpu < 0.05,
+        "the proxy used {cpu:.3} s of CPU for 2 GiB: bytes went through userspace: {line}"
+    );
 }
 
 fn bpf_object_exists(kind: &str, id: u32) -> bool {
@@ -129,6 +132,7 @@ fn bpf_object_exists(kind: &str, id: u32) -> bool {
 /// loads afresh and passes its self-check.
 #[test]
 fn sigkill_leaves_no_program_or_map_behind() {
+    let _serial = serial();
     let mut proxy = Proxy::start_mode("sockmap", &[]).unwrap();
     let ids = bpf_ids(proxy.pid());
     assert!(
@@ -250,6 +254,7 @@ fn stalled_upstream_holds_the_bound() {
 }
 
 fn stalled_upstream(overrun: &str, default_secs: u64) {
+    let _serial = serial();
     const MIB: u64 = 1 << 20;
     let stall = Duration::from_secs(
         std::env::var("SPLICE_STALL_SECS")
@@ -386,6 +391,7 @@ fn stalled_upstream(overrun: &str, default_secs: u64) {
 /// `/metrics` counts the relay and the redirected bytes.
 #[test]
 fn overrun_is_relayed_then_handed_back_to_the_kernel() {
+    let _serial = serial();
     const MIB: usize = 1 << 20;
     const PHASE1: usize = 8 * MIB;
     const PHASE2: usize = 16 * MIB;

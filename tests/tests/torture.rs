@@ -13,7 +13,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -22,13 +22,7 @@ use splice_proxy_tests::torture::{
     End, FdSampler, Pattern, PeerOpts, Side, TunnelSpec, Upstream, finish_tunnel,
     finish_tunnel_opts, run_seed, run_tunnel, settle_fds,
 };
-use splice_proxy_tests::{Proxy, modes, raise_fd_limit, read_response_head};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use splice_proxy_tests::{Proxy, modes, raise_fd_limit, read_response_head, serial};
 
 const MIB: u64 = 1 << 20;
 

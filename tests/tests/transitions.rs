@@ -9,19 +9,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use splice_proxy_tests::resources::{Usage, settle};
 use splice_proxy_tests::torture::set_linger_zero;
-use splice_proxy_tests::{Proxy, TEST_POLICY, access_field, raise_fd_limit};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use splice_proxy_tests::{Proxy, TEST_POLICY, access_field, raise_fd_limit, serial};
 
 fn sockmap_proxy(extra: &[&str]) -> Proxy {
     let mut args: Vec<&str> = TEST_POLICY.to_vec();
