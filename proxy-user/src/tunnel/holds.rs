@@ -21,7 +21,7 @@
 //!    docs/kernel-notes.md, "Why no window update from userspace avoids the stall"); relaying has
 //!    no such cost.
 //! 5. With [`Overrun::Splice`] (the default) the program wakes the tunnel before the threshold,
-//!    past [`Backlog::soft`], and the direction leaves the kernel path (`sockmap.rs`,
+//!    past [`Backlog::soft`], and the direction leaves the kernel path (`sockmap/directions.rs`,
 //!    `spliced.rs`). If the threshold comes first, the mover catches up as in 3 when the reader
 //!    is slow (the stall hides behind what is still queued for it) and relays as in 4 when it is
 //!    fast, then the next soft crossing asks to leave again.

@@ -1,0 +1,335 @@
+//! Each direction of a tunnel on its own: the held bytes userspace moves when the reader falls
+//! behind, and a reader-bound direction leaving the kernel path for splice(2) (the detach
+//! iterator answers) and coming back once its reader keeps up.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::{Dir, Registration};
+use crate::tunnel::detach::Answer;
+use crate::tunnel::end::End;
+use crate::tunnel::holds::{Backlog, Counters, MoveError, Mover, SPLICE_QUIET, Step};
+use crate::tunnel::pump::Progress;
+use crate::tunnel::splice::PIPE_SIZE;
+use crate::tunnel::spliced::{Spliced, Stop};
+use crate::tunnel::sys::{established, set_sndbuf};
+
+/// A tunnel's two movers of held bytes and whether each still has bytes to move.
+pub(super) struct Movers {
+    pub(super) up: Mover,
+    pub(super) down: Mover,
+    pub(super) up_moving: bool,
+    pub(super) down_moving: bool,
+    /// A direction off the kernel path, forwarded by splice(2).
+    pub(super) up_spliced: Option<Spliced>,
+    pub(super) down_spliced: Option<Spliced>,
+    pub(super) client: RawFd,
+    pub(super) upstream: RawFd,
+}
+
+impl Movers {
+    fn mover(&mut self, dir: Dir) -> &mut Mover {
+        match dir {
+            Dir::Up => &mut self.up,
+            Dir::Down => &mut self.down,
+        }
+    }
+
+    /// (source, destination) of a direction.
+    fn fds(&self, dir: Dir) -> (RawFd, RawFd) {
+        match dir {
+            Dir::Up => (self.client, self.upstream),
+            Dir::Down => (self.upstream, self.client),
+        }
+    }
+
+    fn set_moving(&mut self, dir: Dir, moving: bool) {
+        match dir {
+            Dir::Up => self.up_moving = moving,
+            Dir::Down => self.down_moving = moving,
+        }
+    }
+
+    fn spliced(&self, dir: Dir) -> Option<&Spliced> {
+        match dir {
+            Dir::Up => self.up_spliced.as_ref(),
+            Dir::Down => self.down_spliced.as_ref(),
+        }
+    }
+
+    fn set_spliced(&mut self, dir: Dir, sp: Option<Spliced>) {
+        match dir {
+            Dir::Up => self.up_spliced = sp,
+            Dir::Down => self.down_spliced = sp,
+        }
+    }
+
+    fn take_spliced(&mut self, dir: Dir) -> Option<Spliced> {
+        match dir {
+            Dir::Up => self.up_spliced.take(),
+            Dir::Down => self.down_spliced.take(),
+        }
+    }
+
+    /// Moves what one direction can now (after a wake-up or a tick).
+    fn step(&mut self, reg: &Registration<'_>, dir: Dir) -> Result<(), (End, Option<String>)> {
+        let (c, u) = (self.client, self.upstream);
+        match dir {
+            Dir::Up => self.up_moving = reg.step(&mut self.up, c, u, dir)?,
+            Dir::Down => self.down_moving = reg.step(&mut self.down, u, c, dir)?,
+        }
+        Ok(())
+    }
+
+    /// Whether a direction has held bytes left to move, or is relayed (then the tick also hands
+    /// it back to the kernel once it has been quiet, see `RELAY_QUIET`).
+    fn needs_tick(&self, dir: Dir) -> bool {
+        match dir {
+            Dir::Up => self.up_moving || self.up.relaying(),
+            Dir::Down => self.down_moving || self.down.relaying(),
+        }
+    }
+
+    /// Whether a direction that is still open needs the tick.
+    pub(super) fn busy(&self, up_done: bool, down_done: bool) -> bool {
+        (self.needs_tick(Dir::Up) && !up_done) || (self.needs_tick(Dir::Down) && !down_done)
+    }
+
+    /// Steps every open direction that has held bytes left.
+    pub(super) fn tick(
+        &mut self,
+        reg: &Registration<'_>,
+        up_done: bool,
+        down_done: bool,
+    ) -> Result<(), (End, Option<String>)> {
+        if self.needs_tick(Dir::Up) && !up_done {
+            self.step(reg, Dir::Up)?;
+        }
+        if self.needs_tick(Dir::Down) && !down_done {
+            self.step(reg, Dir::Down)?;
+        }
+        Ok(())
+    }
+}
+
+impl Registration<'_> {
+    /// The movers of held bytes for both directions of this tunnel.
+    pub(super) fn movers(&self, client: RawFd, upstream: RawFd) -> Movers {
+        let backlog = self.sockmap.backlog;
+        Movers {
+            up: Mover::new(self.client, self.base_upstream, backlog),
+            down: Mover::new(self.upstream, self.base_client, backlog),
+            up_moving: false,
+            down_moving: false,
+            up_spliced: None,
+            down_spliced: None,
+            client,
+            upstream,
+        }
+    }
+
+    /// Moves held bytes of one direction; `Ok(true)` while some remain.
+    pub(super) fn step(
+        &self,
+        mover: &mut Mover,
+        src: RawFd,
+        dst: RawFd,
+        dir: Dir,
+    ) -> Result<bool, (End, Option<String>)> {
+        let (before, relays) = (mover.moved(), mover.relays());
+        let result = mover.step(self.sockmap, src, dst);
+        let moved = (mover.moved() - before) as usize;
+        if moved > 0 {
+            self.userspace.add(dir.into(), moved);
+        }
+        self.relays
+            .fetch_add(mover.relays() - relays, Ordering::Relaxed);
+        match result {
+            Ok(Step::Idle) => Ok(false),
+            Ok(Step::Wait) => Ok(true),
+            Err(e) => Err(self.move_error(e, dir)),
+        }
+    }
+
+    /// After a wake-up for `dir`: moves held bytes, and takes the direction off the kernel
+    /// path when its mover asks (`--sockmap-overrun splice`).
+    pub(super) async fn advance(
+        &self,
+        movers: &mut Movers,
+        dir: Dir,
+    ) -> Result<(), (End, Option<String>)> {
+        if movers.spliced(dir).is_some() {
+            // A wake-up from before the detach.
+            return Ok(());
+        }
+        movers.step(self, dir)?;
+        let (src, dst) = movers.fds(dir);
+        let cookie = self.cookie(dir);
+        let failed = |e: io::Error| (End::Failed, Some(format!("leaving the kernel path: {e}")));
+        if !movers.mover(dir).wants_detach() {
+            return Ok(());
+        }
+        let asked = std::time::Instant::now();
+        let answer = match &self.sockmap.detacher {
+            Some(d) => d.detach(cookie).await,
+            None => Answer::Failed("no detach iterator".into()),
+        };
+        tracing::debug!(
+            "sockmap: detach of {cookie}: {answer:?} after {:?}",
+            asked.elapsed()
+        );
+        let relay_instead = |movers: &mut Movers| {
+            let r = movers
+                .mover(dir)
+                .relay_instead(self.sockmap, std::time::Instant::now());
+            self.relays.fetch_add(1, Ordering::Relaxed);
+            movers.set_moving(dir, true);
+            r.map_err(|e| self.move_error(e, dir))
+        };
+        match answer {
+            Answer::Detached => {
+                movers.mover(dir).detached();
+                self.detaches.fetch_add(1, Ordering::Relaxed);
+                let target = movers
+                    .mover(dir)
+                    .dst_target(self.sockmap.redirected(cookie));
+                let backlog = self.sockmap.backlog;
+                set_sndbuf(dst, backlog.spliced_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
+                match Spliced::new(src, dst, target) {
+                    Ok(sp) => movers.set_spliced(dir, Some(sp)),
+                    Err(e) => {
+                        // No pipe to be had (out of descriptors): straight back to the kernel.
+                        tracing::warn!("sockmap: cannot splice ({e}); the kernel keeps forwarding");
+                        self.rearm_socket(movers, dir, 0).map_err(failed)?;
+                    }
+                }
+                Ok(())
+            }
+            // Something was held before the walk reached the socket: catch up, then ask again.
+            Answer::Behind => {
+                movers.mover(dir).behind();
+                movers.set_moving(dir, true);
+                Ok(())
+            }
+            Answer::NotArmed | Answer::Failed(_) => {
+                if let Answer::Failed(e) = &answer {
+                    tracing::warn!("sockmap: {e}; relaying this direction instead");
+                }
+                relay_instead(movers)
+            }
+        }
+    }
+
+    /// The spliced direction `dir` kept up: back to the kernel path, unless its source can no
+    /// longer join the sockmap (then it is spliced to its end).
+    fn rearm(&self, movers: &mut Movers, dir: Dir) -> io::Result<()> {
+        let Some(sp) = movers.take_spliced(dir) else {
+            return Ok(());
+        };
+        let (src, dst) = movers.fds(dir);
+        match self.rearm_socket(movers, dir, sp.written()) {
+            Ok(()) => Ok(()),
+            Err(_) if !established(src) => {
+                let mut sp = sp;
+                sp.splice_to_the_end();
+                set_sndbuf(dst, self.sockmap.backlog.spliced_sndbuf(PIPE_SIZE as u64))?;
+                movers.set_spliced(dir, Some(sp));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts a detached source back into `ARMED` after `spliced` bytes went to its peer by
+    /// splice: the program's bound counts them, its next skb is trimmed against the socket's
+    /// `copied_seq`, the peer's send buffer is back to its armed size, and what queued
+    /// meanwhile is run through the program in order.
+    fn rearm_socket(&self, movers: &mut Movers, dir: Dir, spliced: u64) -> io::Result<()> {
+        let (src, dst) = movers.fds(dir);
+        let cookie = self.cookie(dir);
+        let limit = movers.mover(dir).rearm(spliced);
+        self.sockmap.reset_seq(cookie)?;
+        self.sockmap.set_limit(cookie, limit)?;
+        set_sndbuf(dst, self.sockmap.backlog.sndbuf())?;
+        self.arm_socket(cookie, src)?;
+        self.rearms.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn move_error(&self, e: MoveError, dir: Dir) -> (End, Option<String>) {
+        let (src, dst) = match dir {
+            Dir::Up => (
+                (End::ClientReset, "client"),
+                (End::UpstreamReset, "upstream"),
+            ),
+            Dir::Down => (
+                (End::UpstreamReset, "upstream"),
+                (End::ClientReset, "client"),
+            ),
+        };
+        match e {
+            MoveError::Src(e) => (src.0, Some(format!("{}: {e}", src.1))),
+            MoveError::Dst(e) => (dst.0, Some(format!("{}: {e}", dst.1))),
+        }
+    }
+
+    /// What a spliced direction's run ended with, applied: back to the kernel, or done.
+    /// `Ok(true)`: the direction is finished (FIN forwarded).
+    pub(super) fn spliced_stopped(
+        &self,
+        movers: &mut Movers,
+        dir: Dir,
+        r: Result<Stop, MoveError>,
+    ) -> Result<bool, (End, Option<String>)> {
+        match r {
+            Ok(Stop::Quiet) => {
+                self.rearm(movers, dir).map_err(|e| {
+                    (
+                        End::Failed,
+                        Some(format!("returning to the kernel path: {e}")),
+                    )
+                })?;
+                Ok(false)
+            }
+            Ok(Stop::Eof) => {
+                movers.take_spliced(dir);
+                Ok(true)
+            }
+            Err(e) => Err(self.move_error(e, dir)),
+        }
+    }
+}
+
+/// Runs a spliced direction until it stops; never, for one on the kernel path.
+pub(super) async fn spliced_run(
+    sp: &mut Option<Spliced>,
+    backlog: Backlog,
+    spliced: &Progress,
+    dir: Dir,
+) -> Result<Stop, MoveError> {
+    match sp {
+        Some(sp) => {
+            sp.run(SPLICE_QUIET, backlog.soft().max(1), |n| {
+                spliced.add(dir.into(), n)
+            })
+            .await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for a hold wake-up; never, without one.
+pub(super) async fn held(notify: &Option<Arc<Notify>>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How often a direction with held bytes left is stepped again.
+pub(super) const HOLD_TICK: Duration = Duration::from_millis(2);

@@ -1,0 +1,287 @@
+//! Steps 1 and 3 of the handoff (see `mod.rs`): make each socket the other's redirect target,
+//! then, after the `200`, bound both directions and arm the sockets.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicU64;
+
+use tokio::net::TcpStream;
+
+use super::{Armed, Registration, Sockmap};
+use crate::ebpf::Counts;
+use crate::tunnel::holds::Backlog;
+use crate::tunnel::pump::Progress;
+use crate::tunnel::sys::{self, established, queued_total, set_rcvlowat};
+
+impl Sockmap {
+    /// Step 1 of the handoff: makes each socket the other's redirect target.
+    /// Nothing is redirected until [`Registration::arm`].
+    pub async fn register<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> io::Result<Registration<'a>> {
+        // Userspace read the request head from the client, possibly ending
+        // inside an skb. The kernel hands whole skbs to the program
+        // (tcp_read_skb ignores how much of one was already read), so a
+        // partly read skb would be redirected again from its start: the
+        // head and early bytes would reach upstream twice. So the client is
+        // armed only if its queue has been seen empty, and that is checked
+        // here, while it is still a plain socket: once in a sockmap, FIONREAD
+        // counts only the psock's queue.
+        let (moved, client_clean) = empty_queue(client, upstream).await?;
+        let mut reg = Registration {
+            sockmap: self,
+            client: sys::cookie(client)?,
+            upstream: sys::cookie(upstream)?,
+            in_peers: false,
+            armed: false,
+            base_client: 0,
+            base_upstream: 0,
+            forwarded_early: moved,
+            client_clean,
+            client_armed: false,
+            upstream_armed: false,
+            userspace: Progress::new(),
+            relays: AtomicU64::new(0),
+            bounded: false,
+            up_holds: None,
+            down_holds: None,
+            spliced: Progress::new(),
+            detaches: AtomicU64::new(0),
+            rearms: AtomicU64::new(0),
+        };
+        {
+            let mut bytes = self.bytes.lock().expect("bytes map lock");
+            for c in [reg.client, reg.upstream] {
+                bytes
+                    .insert(c, Counts::default(), 0)
+                    .map_err(io::Error::other)?;
+            }
+        }
+        let mut peers = self.peers.lock().expect("peers map lock");
+        peers
+            .insert(reg.client, upstream.as_raw_fd(), 0)
+            .map_err(io::Error::other)?;
+        reg.in_peers = true;
+        peers
+            .insert(reg.upstream, client.as_raw_fd(), 0)
+            .map_err(io::Error::other)?;
+        Ok(reg)
+    }
+}
+
+impl Registration<'_> {
+    /// Step 3 of the handoff, after the 200 was written. A socket that is
+    /// no longer ESTABLISHED (its remote already sent FIN) cannot join a
+    /// sockmap: then the tunnel is left to userspace ([`Armed::Userspace`]).
+    pub async fn arm(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<Armed> {
+        if !established(client.as_raw_fd()) || !established(upstream.as_raw_fd()) {
+            return Ok(Armed::Userspace);
+        }
+        // Nothing is armed yet, so these totals only hold what userspace wrote.
+        self.base_client = queued_total(client.as_raw_fd())?;
+        self.base_upstream = queued_total(upstream.as_raw_fd())?;
+        self.bound(client, upstream)?;
+        self.armed = true;
+        // Each socket is armed unless its remote sent FIN since the check;
+        // then userspace forwards that socket's direction. Nothing already
+        // armed is taken out again: that could drop a segment in flight
+        // (docs/kernel-notes.md).
+        self.client_armed = self.client_clean && self.arm_if_established(self.client, client)?;
+        self.upstream_armed = self.arm_if_established(self.upstream, upstream)?;
+        Ok(if self.client_armed || self.upstream_armed {
+            Armed::Kernel
+        } else {
+            Armed::Userspace
+        })
+    }
+
+    /// Sets the backlog bound of both directions before either socket is armed: socket
+    /// buffers, the program's LIMITS and MOVED entries, and the hold wake-ups.
+    fn bound(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+        let backlog = self.sockmap.backlog;
+        for s in [client, upstream] {
+            set_buffers(s.as_raw_fd(), backlog)?;
+        }
+        {
+            let mut limits = self.sockmap.limits.lock().expect("limits map lock");
+            let mut moved = self.sockmap.moved.lock().expect("moved map lock");
+            self.bounded = true;
+            for (src, dst_base) in [
+                (self.client, self.base_upstream),
+                (self.upstream, self.base_client),
+            ] {
+                moved.insert(src, 0, 0).map_err(io::Error::other)?;
+                limits
+                    .insert(src, backlog.limit(dst_base, false), 0)
+                    .map_err(io::Error::other)?;
+            }
+        }
+        self.up_holds = Some(self.sockmap.waiters.watch(self.client));
+        self.down_holds = Some(self.sockmap.waiters.watch(self.upstream));
+        Ok(())
+    }
+
+    fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
+        match self.arm_socket(cookie, sock.as_raw_fd()) {
+            Ok(()) => Ok(true),
+            Err(_) if !established(sock.as_raw_fd()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts the verdict program on one socket and runs what it queued so
+    /// far through it (SO_RCVLOWAT makes TCP call data_ready).
+    pub(super) fn arm_socket(&self, cookie: u64, fd: RawFd) -> io::Result<()> {
+        self.sockmap
+            .armed
+            .lock()
+            .expect("armed map lock")
+            .insert(cookie, fd, 0)
+            .map_err(io::Error::other)?;
+        set_rcvlowat(fd, 1)
+    }
+}
+
+/// Most bytes userspace forwards while waiting for the client's receive
+/// queue to run empty before arming it; past that the client's direction
+/// stays in userspace.
+const EMPTY_QUEUE_BUDGET: u64 = 4 * 1024 * 1024;
+
+/// Forwards what is queued on `src` to `dst` until the queue is seen empty,
+/// which is the only moment no partly read skb can be left on it (a fully
+/// read skb is freed; whatever arrives later starts a new skb). Returns the
+/// bytes moved and whether the queue was seen empty within the budget.
+async fn empty_queue(src: &TcpStream, dst: &TcpStream) -> io::Result<(u64, bool)> {
+    let mut buf = Vec::new();
+    let mut moved = 0u64;
+    loop {
+        let queued = sys::inq(src.as_raw_fd())? as usize;
+        if queued == 0 {
+            return Ok((moved, true));
+        }
+        if moved >= EMPTY_QUEUE_BUDGET {
+            return Ok((moved, false));
+        }
+        // Read at most what is queued: reading "until EAGAIN" would never end
+        // against a client that keeps sending.
+        buf.resize(queued.min(256 * 1024), 0);
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return Ok((moved, true)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            dst.writable().await?;
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        moved += n as u64;
+    }
+}
+
+/// Sizes a tunnel socket's buffers for the backlog bound (see [`Backlog`]). The send buffer needs
+/// `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which the sockmap path has) to exceed `wmem_max`.
+fn set_buffers(fd: RawFd, backlog: Backlog) -> io::Result<()> {
+    sys::set_rcvbuf(fd, backlog.rcvbuf())?;
+    sys::set_sndbuf(fd, backlog.sndbuf())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// A connected pair: (the proxy's socket, as tokio sees it; its remote).
+    async fn pair(l: &tokio::net::TcpListener) -> (TcpStream, std::net::TcpStream) {
+        let remote = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (local, _) = l.accept().await.unwrap();
+        (local, remote)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect()
+    }
+
+    async fn queued_at_least(s: &TcpStream, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let queued = sys::inq(s.as_raw_fd()).unwrap() as usize;
+            if queued >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {queued} of {n} bytes queued"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn every_queued_byte_is_forwarded_in_order_before_arming() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (src, mut src_remote) = pair(&l).await;
+        let (dst, mut dst_remote) = pair(&l).await;
+        let sent = pattern(48 * 1024);
+        src_remote.write_all(&sent).unwrap();
+        queued_at_least(&src, sent.len()).await;
+
+        // Read beside the forwarding, as a peer would.
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 48 * 1024];
+            dst_remote.read_exact(&mut got).unwrap();
+            got
+        });
+        let (moved, clean) = empty_queue(&src, &dst).await.unwrap();
+        assert_eq!(moved, sent.len() as u64);
+        assert!(clean, "the queue was seen empty");
+        assert!(reader.join().unwrap() == sent, "forwarded bytes differ");
+
+        // An empty queue moves nothing and is clean at once.
+        assert_eq!(empty_queue(&src, &dst).await.unwrap(), (0, true));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_keeps_sending_stays_in_userspace_after_the_budget() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (src, src_remote) = pair(&l).await;
+        let (dst, dst_remote) = pair(&l).await;
+        sys::set_rcvbuf(src.as_raw_fd(), 4 * EMPTY_QUEUE_BUDGET).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = std::thread::spawn({
+            let (stop, mut s) = (stop.clone(), src_remote);
+            move || {
+                let chunk = pattern(64 * 1024);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let sink = std::thread::spawn(move || {
+            let mut s = dst_remote;
+            std::io::copy(&mut s, &mut std::io::sink()).unwrap()
+        });
+        // More than the budget beyond what is read before the budget is spent: the queue is
+        // never seen empty, however fast userspace reads.
+        queued_at_least(&src, (EMPTY_QUEUE_BUDGET + EMPTY_QUEUE_BUDGET / 4) as usize).await;
+        let (moved, clean) = empty_queue(&src, &dst).await.unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(!clean, "a queue that never empties is not clean");
+        assert!(moved >= EMPTY_QUEUE_BUDGET, "stopped after {moved} bytes");
+        drop((src, dst));
+        sender.join().unwrap();
+        assert_eq!(sink.join().unwrap(), moved, "every byte read was written");
+    }
+}
