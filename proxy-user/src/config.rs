@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cidr::IpNet;
 use crate::duration::{parse_duration, parse_duration_nonzero};
+use crate::keepalive::Keepalive;
 use crate::limits::Limits;
 use crate::policy::{DstPattern, Policy, PortSet};
 use crate::server::Settings;
@@ -135,6 +136,14 @@ pub struct RunArgs {
     #[arg(long = "idle-timeout", value_name = "DURATION", default_value = "0", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// TCP keepalive on both sockets of every tunnel: IDLE,INTERVAL,COUNT (whole seconds),
+    /// IDLE alone, or off. A peer that vanished is found after IDLE + INTERVAL x COUNT of
+    /// silence; a quiet tunnel whose peers are alive is never cut.
+    // `std::option::Option`, spelled out: the parser itself says `off`, so clap must not treat
+    // the flag as optional.
+    #[arg(long = "tcp-keepalive", value_name = "IDLE,INTERVAL,COUNT", default_value = "60s,15s,4", value_parser = Keepalive::parse)]
+    pub tcp_keepalive: std::option::Option<Keepalive>,
+
     /// On SIGTERM/SIGINT, how long open tunnels may finish before they are closed.
     #[arg(long = "shutdown-grace", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -172,6 +181,8 @@ pub struct Config {
     pub header_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// `None`: `--tcp-keepalive off`.
+    pub tcp_keepalive: Option<Keepalive>,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub metrics_listen: Option<SocketAddr>,
@@ -242,6 +253,7 @@ impl RunArgs {
             header_timeout: self.header_timeout,
             connect_timeout: self.connect_timeout,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            tcp_keepalive: self.tcp_keepalive,
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
             metrics_listen: self.metrics_listen,
@@ -262,6 +274,7 @@ impl Config {
             .with_allow_src(self.allow_src.clone()),
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
+            keepalive: self.tcp_keepalive,
             max_tunnels: self.max_tunnels,
         }
     }

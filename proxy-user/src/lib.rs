@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod doctor;
 pub mod duration;
 pub mod ebpf;
+pub mod keepalive;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

@@ -192,6 +192,7 @@ async fn serve(
         mode = %mode,
         users = auth_summary(&cfg),
         allow_src = src_summary(&cfg),
+        tcp_keepalive = cfg.tcp_keepalive.map_or("off".to_string(), |k| k.to_string()),
         "splice-proxy ready"
     );
     server::serve(proxy, listeners, stop, cfg.shutdown_grace).await;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::accept_backoff::{self, AcceptBackoff};
 use crate::access_log::Record;
 use crate::auth::{AuthError, Authenticator, Identity};
+use crate::keepalive::Keepalive;
 use crate::limits::{Admission, Limits};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -31,6 +32,8 @@ pub struct Proxy {
     pub datapath: DataPath,
     pub header_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// Set on both sockets of every connection; `None`: off.
+    pub keepalive: Option<Keepalive>,
     pub metrics: Arc<Metrics>,
     limits: Limits,
     tunnels: Arc<Semaphore>,
@@ -69,6 +72,8 @@ pub struct Settings {
     pub limits: Limits,
     pub header_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// `--tcp-keepalive`.
+    pub keepalive: Option<Keepalive>,
     pub max_tunnels: usize,
 }
 
@@ -87,6 +92,7 @@ impl Proxy {
             datapath,
             header_timeout: settings.header_timeout,
             idle_timeout: settings.idle_timeout,
+            keepalive: settings.keepalive,
             metrics,
             limits: settings.limits,
             tunnels: Arc::new(Semaphore::new(settings.max_tunnels)),
@@ -100,6 +106,7 @@ impl Proxy {
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
+        self.set_keepalive(&client, "client");
         // Admit: a source not in --allow-src (403) or a connection over a
         // limit (503) is answered and closed at once, without reading the head.
         let mut admission = match self.limits.admit(peer.ip()) {
@@ -206,6 +213,7 @@ impl Proxy {
             })?;
         record.resolved = Some(resolved);
         let _ = upstream.set_nodelay(true);
+        self.set_keepalive(&upstream, "upstream");
 
         // Bytes the client sent right after its head go first, in order.
         if !early_bytes.is_empty() {
@@ -238,6 +246,16 @@ impl Proxy {
             handoff,
             _permit: permit,
         })
+    }
+
+    /// Keepalive finds a peer that vanished from a quiet tunnel. A socket that refuses the
+    /// option still carries its tunnel: that is logged, not refused.
+    fn set_keepalive(&self, sock: &TcpStream, side: &str) {
+        if let Some(ka) = &self.keepalive {
+            if let Err(error) = ka.apply(sock) {
+                tracing::debug!(side, %error, "setting TCP keepalive");
+            }
+        }
     }
 
     async fn authenticate(&self, header: Option<Vec<u8>>) -> Result<Identity, AuthError> {

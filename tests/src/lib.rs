@@ -4,6 +4,7 @@
 //! The binary is found through `SPLICE_PROXY_BIN`, or next to the test
 //! executable's target directory (`cargo xtask test` builds it first).
 
+pub mod blackhole;
 pub mod metrics;
 pub mod peers;
 pub mod rawhttp;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use splice_proxy_tests::blackhole::Blackhole;
 use splice_proxy_tests::rawhttp::{connect, connect_head, read_head};
 use splice_proxy_tests::resources::{Usage, cpu_secs, settle};
 use splice_proxy_tests::torture::{
@@ -371,52 +372,6 @@ fn fill(s: &mut TcpStream, p: &Pattern, limit: usize) -> Result<u64> {
     Ok(off as u64)
 }
 
-/// Drops every TCP segment to or from one local port, on loopback, while it
-/// lives (an nftables table of its own, deleted on drop).
-struct Blackhole {
-    table: String,
-}
-
-impl Blackhole {
-    fn port(port: u16) -> Result<Blackhole> {
-        let table = format!("splice_faults_{}_{port}", std::process::id());
-        let script = format!(
-            "table inet {table} {{\n  chain input {{\n    type filter hook input priority -300; \
-             policy accept;\n    tcp sport {port} drop\n    tcp dport {port} drop\n  }}\n}}\n"
-        );
-        nft(&["-f", "-"], Some(&script)).context("installing the blackhole (nft)")?;
-        Ok(Blackhole { table })
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        let _ = nft(&["delete", "table", "inet", &self.table], None);
-    }
-}
-
-fn nft(args: &[&str], stdin: Option<&str>) -> Result<()> {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("nft (nftables) must be installed")?;
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes())?;
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 /// Runs `spec` through `proxy` to `up` and calls `fault` once 4 MiB are on
 /// their way; returns how the tunnel went, where the client was when the
 /// fault came, and what `fault` returned.
@@ -550,8 +505,10 @@ fn upstream_stalls_forever(mode: &str) -> Result<String> {
 }
 
 /// The client vanishes without a FIN: every segment to or from its port is
-/// dropped, while the upstream sends 1 MiB toward it. The proxy implements
-/// no TCP keepalive; `--idle-timeout` ends the tunnel, the upstream sees it
+/// dropped, while the upstream sends 1 MiB toward it. Keepalive does not
+/// probe a socket with unacknowledged data (the kernel retransmits instead;
+/// tests/tests/keepalive.rs covers the quiet case); `--idle-timeout` ends
+/// the tunnel, the upstream sees it
 /// end, and the proxy's descriptors return although the kernel still
 /// retransmits to the vanished client.
 fn client_vanishes_without_fin(mode: &str) -> Result<String> {
