@@ -2,7 +2,8 @@
 //! back (`--sockmap-overrun splice`, docs/kernel-notes.md "Leaving the kernel path") without
 //! losing, duplicating or reordering a byte: readers that alternate between slow and fast make
 //! both directions of a tunnel go kernel → splice → kernel hundreds of times, every byte checked
-//! with SHA-256 both ways, with the kernel's drop counters unchanged; FIN and RST arrive in the
+//! with SHA-256 both ways, no backlog drop and at most a few segments dropped for receive
+//! memory (retransmitted; host-wide counters, see the test); FIN and RST arrive in the
 //! middle of transitions; a thousand tunnels transition at once; everything is released after.
 //!
 //! The tests in this file share the machine's TCP drop counters, so they run one at a time.
@@ -242,17 +243,24 @@ fn alternating_readers_transition_hundreds_of_times_both_ways_byte_exact() {
         max_drops <= 2 * dups + 16,
         "proxy sockets dropped {max_drops} segments, only {dups} of them accounted for by TCP"
     );
-    for name in [
-        "TcpExtRcvPruned",
-        "TcpExtTCPBacklogDrop",
-        "TcpExtTCPRcvQDrop",
-    ] {
-        assert_eq!(
-            counter(&drops_after, name),
-            counter(&drops_before, name),
-            "{name} rose during the run"
-        );
-    }
+    // A segment dropped because the receive queue was over its buffer (RcvPruned, TCPRcvQDrop)
+    // was never acknowledged: the sender retransmits it, and a retransmission overlapping what
+    // arrived is trimmed (docs/kernel-notes.md, the duplicated chunks). These counters are
+    // host-wide and also rise for the test's own 256 KiB peer sockets: about one run in ten
+    // here (with or without TCP keepalive), and the torture suite, all modes, raises them too.
+    // So a few are allowed; a data path that overran its socket buffers (67 in one run of the
+    // old duplicate defect) would show far more. A backlog drop (a segment lost while the
+    // socket was locked) is never expected.
+    let pruned = delta("TcpExtRcvPruned") + delta("TcpExtTCPRcvQDrop");
+    assert!(
+        pruned <= 8,
+        "{pruned} segments dropped for receive memory during the run"
+    );
+    assert_eq!(
+        delta("TcpExtTCPBacklogDrop"),
+        0,
+        "TcpExtTCPBacklogDrop rose during the run"
+    );
     assert_released(&proxy, &baseline, Duration::from_secs(10));
 }
 
