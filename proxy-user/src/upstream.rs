@@ -71,8 +71,9 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// Resolves `target`, keeps the addresses the policy allows, and connects
-    /// to them in order until one answers, all within the connect timeout.
+    /// Resolves `target`, keeps the addresses the policy allows, and races connection attempts
+    /// to them ([`race`], families interleaved) until one answers, all within the connect
+    /// timeout.
     pub async fn connect(
         &self,
         target: &Target,
@@ -97,16 +98,79 @@ impl Connector {
                 }
             }
         };
-        let addrs = policy.filter_addrs(target, addrs)?;
-        let mut last = None;
-        for addr in addrs {
-            match tokio::time::timeout_at(deadline.into(), TcpStream::connect(addr)).await {
-                Err(_) => return Err(timeout()),
-                Ok(Ok(stream)) => return Ok((stream, addr)),
-                Ok(Err(e)) => last = Some(ConnectError::Refused(addr, e)),
+        // Every address is checked before any SYN is sent.
+        let addrs = interleave(policy.filter_addrs(target, addrs)?);
+        tokio::time::timeout_at(deadline.into(), race(addrs, ATTEMPT_DELAY))
+            .await
+            .unwrap_or_else(|_| Err(timeout()))
+    }
+}
+
+/// RFC 8305's connection attempt delay: the next address is tried this long after the previous
+/// attempt started, or at once when an attempt fails, so one black-holed address does not cost
+/// the whole connect timeout.
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Orders addresses as RFC 8305 section 4 does: the two families alternate, starting with the
+/// family of the resolver's first answer, each family in the resolver's order.
+pub fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return addrs;
+    };
+    let first_v4 = first.is_ipv4();
+    let (mut preferred, mut other): (Vec<_>, Vec<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv4() == first_v4);
+    let mut out = Vec::with_capacity(preferred.len() + other.len());
+    let (mut p, mut o) = (preferred.drain(..), other.drain(..));
+    loop {
+        match (p.next(), o.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// Connects to the first of `addrs` that answers ("happy eyeballs"): attempts start `delay`
+/// apart, or at once after a failure, and run side by side; the first connection wins and the
+/// other attempts are dropped, closing their sockets. The caller bounds the whole race.
+async fn race(
+    addrs: Vec<SocketAddr>,
+    delay: Duration,
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    let mut queue = addrs.into_iter();
+    let first = queue.next().expect("the policy keeps at least one address");
+    if queue.as_slice().is_empty() {
+        // One address, the common case (an IP literal): no race, no task.
+        return TcpStream::connect(first)
+            .await
+            .map(|s| (s, first))
+            .map_err(|e| ConnectError::Refused(first, e));
+    }
+    let mut attempts = tokio::task::JoinSet::new();
+    let start = |attempts: &mut tokio::task::JoinSet<_>, addr: SocketAddr| {
+        attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+        tokio::time::Instant::now() + delay
+    };
+    let mut next_at = start(&mut attempts, first);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            done = attempts.join_next() => match done {
+                Some(Ok((addr, Ok(stream)))) => return Ok((stream, addr)),
+                Some(Ok((addr, Err(e)))) => {
+                    last = Some(ConnectError::Refused(addr, e));
+                    if let Some(addr) = queue.next() {
+                        next_at = start(&mut attempts, addr);
+                    }
+                }
+                Some(Err(join)) => last = Some(ConnectError::Refused(first, io::Error::other(join))),
+                None => return Err(last.expect("an attempt failed")),
+            },
+            () = tokio::time::sleep_until(next_at), if !queue.as_slice().is_empty() => {
+                let addr = queue.next().expect("checked");
+                next_at = start(&mut attempts, addr);
             }
         }
-        Err(last.expect("at least one address was tried"))
     }
 }
 
@@ -225,5 +289,115 @@ mod tests {
         let r = Refusal::Connect(e);
         assert_eq!(r.status(), Status::GatewayTimeout);
         assert_eq!(r.error_type().token(), "dns_timeout");
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn families_alternate_from_the_resolvers_first_answer() {
+        let v6 = |n: u8| sa(&format!("[2001:db8::{n}]:443"));
+        let v4 = |n: u8| sa(&format!("192.0.2.{n}:443"));
+        assert_eq!(
+            interleave(vec![v6(1), v6(2), v6(3), v4(1), v4(2)]),
+            vec![v6(1), v4(1), v6(2), v4(2), v6(3)]
+        );
+        assert_eq!(
+            interleave(vec![v4(1), v4(2), v6(1)]),
+            vec![v4(1), v6(1), v4(2)]
+        );
+        assert_eq!(interleave(vec![v4(1), v4(2)]), vec![v4(1), v4(2)]);
+        assert_eq!(interleave(vec![]), vec![]);
+    }
+
+    /// A listener on `ip:port` whose accept queue is full: the kernel drops further SYNs, so a
+    /// connect to it hangs like one to a black-holed address.
+    fn black_hole(ip: &str, port: u16) -> (socket2::Socket, Vec<std::net::TcpStream>) {
+        let addr = sa(&format!("{ip}:{port}"));
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(&addr.into()).unwrap();
+        l.listen(0).unwrap();
+        let fillers = (0..2)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+            })
+            .collect();
+        (l, fillers)
+    }
+
+    #[tokio::test]
+    async fn a_black_holed_first_address_costs_the_attempt_delay_not_the_timeout() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = live.local_addr().unwrap().port();
+        let _hole = black_hole("127.0.0.2", port);
+        let c = Connector {
+            resolver: Arc::new(StaticResolver(
+                [(
+                    "he.test".to_string(),
+                    vec!["127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap()],
+                )]
+                .into(),
+            )),
+            timeout: Duration::from_secs(3),
+        };
+        let t = parse_authority(&format!("he.test:{port}")).unwrap();
+        let started = Instant::now();
+        let (_stream, addr) = c.connect(&t, &loopback_policy()).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(addr, sa(&format!("127.0.0.1:{port}")));
+        assert!(
+            took >= ATTEMPT_DELAY && took < Duration::from_secs(1),
+            "connected after {took:?}: the second attempt starts {ATTEMPT_DELAY:?} after the first"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_starts_the_next_attempt_at_once_and_the_last_error_is_kept() {
+        // Two ports nobody listens on, then a live one: the two refusals come back at once.
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = live.local_addr().unwrap().port();
+        let started = Instant::now();
+        let addrs = vec![
+            sa(&format!("127.0.0.3:{port}")),
+            sa(&format!("127.0.0.4:{port}")),
+            sa(&format!("127.0.0.1:{port}")),
+        ];
+        let (_s, addr) = race(addrs, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(addr.ip().to_string(), "127.0.0.1");
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        let dead = vec![
+            sa(&format!("127.0.0.3:{port}")),
+            sa(&format!("127.0.0.4:{port}")),
+        ];
+        let e = race(dead, Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            matches!(&e, ConnectError::Refused(a, _) if a.ip().to_string() == "127.0.0.4"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_address_black_holed_is_a_connect_timeout() {
+        let probe = std::net::TcpListener::bind("127.0.0.5:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let _a = black_hole("127.0.0.5", port);
+        let _b = black_hole("127.0.0.6", port);
+        let c = Connector {
+            resolver: Arc::new(StaticResolver(
+                [(
+                    "dark.test".to_string(),
+                    vec!["127.0.0.5".parse().unwrap(), "127.0.0.6".parse().unwrap()],
+                )]
+                .into(),
+            )),
+            timeout: Duration::from_millis(600),
+        };
+        let t = parse_authority(&format!("dark.test:{port}")).unwrap();
+        let e = c.connect(&t, &loopback_policy()).await.unwrap_err();
+        assert!(matches!(e, ConnectError::Timeout(_)), "{e}");
+        assert_eq!(Refusal::Connect(e).status(), Status::GatewayTimeout);
     }
 }

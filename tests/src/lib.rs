@@ -55,6 +55,15 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// How a test proxy's process is set up, beyond its arguments.
+#[derive(Default)]
+struct Launch {
+    /// RLIMIT_NOFILE, soft and hard.
+    nofile: Option<u64>,
+    /// A file bind-mounted over `/etc/hosts` in a mount namespace of the proxy's own.
+    hosts: Option<PathBuf>,
+}
+
 /// A running proxy. Killed (SIGKILL) on drop unless stopped first.
 pub struct Proxy {
     child: Option<Child>,
@@ -71,7 +80,7 @@ impl Proxy {
     /// Starts `splice-proxy run --listen 127.0.0.1:<free port> <args>` and
     /// waits until it accepts connections.
     pub fn start(args: &[&str]) -> Result<Proxy> {
-        Self::start_on_free_port(args, None)
+        Self::start_on_free_port(args, &Launch::default())
     }
 
     /// Like [`Proxy::start`] with `--metrics-listen` on a free loopback port
@@ -103,21 +112,40 @@ impl Proxy {
     /// Like [`Proxy::start`] with the process's open-file limit (soft and
     /// hard, so the proxy cannot raise it) set to `nofile`.
     pub fn start_with_nofile(args: &[&str], nofile: u64) -> Result<Proxy> {
-        Self::start_on_free_port(args, Some(nofile))
+        Self::start_on_free_port(
+            args,
+            &Launch {
+                nofile: Some(nofile),
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// Like [`Proxy::start`] in a mount namespace of its own where `hosts` is bind-mounted over
+    /// `/etc/hosts`: the proxy's resolver (getaddrinfo) answers names from that file, and the
+    /// machine's own file is untouched.
+    pub fn start_with_hosts(args: &[&str], hosts: &std::path::Path) -> Result<Proxy> {
+        Self::start_on_free_port(
+            args,
+            &Launch {
+                hosts: Some(hosts.to_path_buf()),
+                ..Launch::default()
+            },
+        )
     }
 
     /// Starts the proxy listening on `addr` (e.g. the address of one that
     /// was just killed).
     pub fn start_at(addr: SocketAddr, args: &[&str]) -> Result<Proxy> {
-        Self::launch(addr, args, None)
+        Self::launch(addr, args, &Launch::default())
     }
 
-    fn start_on_free_port(args: &[&str], nofile: Option<u64>) -> Result<Proxy> {
+    fn start_on_free_port(args: &[&str], how: &Launch) -> Result<Proxy> {
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            match Self::launch(addr, args, nofile) {
+            match Self::launch(addr, args, how) {
                 Ok(p) => return Ok(p),
                 Err(e) => last_err = Some(e),
             }
@@ -125,9 +153,47 @@ impl Proxy {
         Err(last_err.unwrap())
     }
 
-    fn launch(addr: SocketAddr, args: &[&str], nofile: Option<u64>) -> Result<Proxy> {
+    fn launch(addr: SocketAddr, args: &[&str], how: &Launch) -> Result<Proxy> {
         let mut command = Command::new(binary());
-        if let Some(n) = nofile {
+        if let Some(hosts) = &how.hosts {
+            use std::os::unix::ffi::OsStrExt;
+            use std::os::unix::process::CommandExt;
+            let source = std::ffi::CString::new(hosts.as_os_str().as_bytes())?;
+            // SAFETY: the closure runs in the forked child before exec and only makes raw
+            // system calls (unshare, mount), which are async-signal-safe, with C strings
+            // built before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    let fail = || Err(std::io::Error::last_os_error());
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return fail();
+                    }
+                    // Keep the bind mount in this namespace: make every mount private first.
+                    if libc::mount(
+                        c"none".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
+                    if libc::mount(
+                        source.as_ptr(),
+                        c"/etc/hosts".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(n) = how.nofile {
             use std::os::unix::process::CommandExt;
             let limit = libc::rlimit {
                 rlim_cur: n,
