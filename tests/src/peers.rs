@@ -187,16 +187,23 @@ impl Drop for Daemon {
     }
 }
 
-/// Whether a TCP socket in LISTEN state is bound to `addr` (IPv4 only),
-/// read from /proc/net/tcp.
+/// Whether a TCP socket in LISTEN state is bound to `addr` (or the wildcard of its family),
+/// read from /proc/net/tcp or /proc/net/tcp6.
 pub fn is_listening(addr: SocketAddr) -> bool {
-    let SocketAddr::V4(v4) = addr else {
-        return false;
+    // The kernel prints an address as 32-bit words in host (little-endian) order.
+    let words = |octets: &[u8]| -> String {
+        octets
+            .chunks(4)
+            .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+            .collect()
     };
-    let want_ip = format!("{:08X}", u32::from_le_bytes(v4.ip().octets()));
-    let want = format!("{want_ip}:{:04X}", v4.port());
-    let any = format!("00000000:{:04X}", v4.port());
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+    let (table, want_ip, any_ip) = match addr {
+        SocketAddr::V4(v4) => ("/proc/net/tcp", words(&v4.ip().octets()), "0".repeat(8)),
+        SocketAddr::V6(v6) => ("/proc/net/tcp6", words(&v6.ip().octets()), "0".repeat(32)),
+    };
+    let want = format!("{want_ip}:{:04X}", addr.port());
+    let any = format!("{any_ip}:{:04X}", addr.port());
+    let Ok(table) = fs::read_to_string(table) else {
         return false;
     };
     table.lines().skip(1).any(|l| {
@@ -310,7 +317,10 @@ pub fn self_signed_cert(dir: &Path) -> Result<Cert> {
             .arg("-out")
             .arg(&cert)
             .args(["-days", "2", "-subj", "/CN=127.0.0.1"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]),
+            .args([
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost",
+            ]),
         None,
         Duration::from_secs(30),
     )?;
@@ -352,12 +362,24 @@ const STUNNEL_GLOBAL: &str = "foreground = yes\npid =\nsyslog = no\ndebug = info
 
 /// Starts a stunnel server: TLS on 127.0.0.1:<free> -> plain `backend`.
 pub fn stunnel_server(dir: &Path, cert: &Cert, backend: SocketAddr) -> Result<Daemon> {
-    let addr = free_addr();
-    let conf = dir.join("stunnel-server.conf");
+    stunnel_server_at(dir, cert, backend, free_addr())
+}
+
+/// Starts a stunnel server: TLS on `addr` (e.g. `[::1]:<port>`) -> plain `backend`.
+pub fn stunnel_server_at(
+    dir: &Path,
+    cert: &Cert,
+    backend: SocketAddr,
+    addr: SocketAddr,
+) -> Result<Daemon> {
+    let conf = dir.join(format!("stunnel-server-{}.conf", addr.port()));
     let mut text = STUNNEL_GLOBAL.to_string();
     writeln!(
         text,
-        "[tls-in]\naccept = {addr}\nconnect = {backend}\ncert = {}\nkey = {}",
+        "[tls-in]\naccept = {}:{}\nconnect = {backend}\ncert = {}\nkey = {}",
+        // stunnel splits host and port at the last ':' and wants no brackets.
+        addr.ip(),
+        addr.port(),
         cert.cert.display(),
         cert.key.display()
     )?;
@@ -400,6 +422,43 @@ pub fn stunnel_client(
     writeln!(
         text,
         "CAfile = {}\nverifyPeer = yes\ncheckIP = 127.0.0.1",
+        ca.display()
+    )?;
+    fs::write(&conf, text)?;
+    let mut cmd = Command::new("stunnel");
+    cmd.arg(&conf);
+    Daemon::spawn(name, cmd, dir, addr)
+}
+
+/// Starts a stunnel client configured as MTC's direct volume migration writes it for a proxy
+/// (crane-lib's stunnel client template): `protocol = connect`, `connect = <proxy>`,
+/// `protocolHost = <target>` verbatim (an IPv6 NodePort target comes unbracketed:
+/// `fd00::5:31234`), and `protocolUsername`/`protocolPassword` only when both are non-empty,
+/// else no `Proxy-Authorization` at all. stunnel's default scheme is `basic`, in lower case.
+/// Accepts plain TCP on 127.0.0.1:<free>; verifies the server against `ca` and `check_ip`.
+pub fn stunnel_client_mtc(
+    dir: &Path,
+    name: &str,
+    proxy: SocketAddr,
+    protocol_host: &str,
+    creds: (&str, &str),
+    ca: &Path,
+    check_ip: &str,
+) -> Result<Daemon> {
+    let addr = free_addr();
+    let conf = dir.join(format!("{name}.conf"));
+    let mut text = STUNNEL_GLOBAL.to_string();
+    writeln!(
+        text,
+        "[rsync]\nclient = yes\naccept = {addr}\nconnect = {proxy}\nprotocol = connect\nprotocolHost = {protocol_host}"
+    )?;
+    let (user, pass) = creds;
+    if !user.is_empty() && !pass.is_empty() {
+        writeln!(text, "protocolUsername = {user}\nprotocolPassword = {pass}")?;
+    }
+    writeln!(
+        text,
+        "CAfile = {}\nverifyPeer = yes\ncheckIP = {check_ip}",
         ca.display()
     )?;
     fs::write(&conf, text)?;

@@ -262,6 +262,90 @@ fn rsync_through_stunnel_and_proxy() -> Result<()> {
     Ok(())
 }
 
+/// MTC's own stunnel client configuration (see `peers::stunnel_client_mtc`) on an IPv6
+/// NodePort-style route, `protocolHost = ::1:<port>` unbracketed as the template writes it,
+/// carrying rsync to rsyncd in every data path: once with credentials (lower-case `basic`),
+/// once with empty credentials (no `Proxy-Authorization` at all) against an anonymous proxy
+/// that only `--allow-src 127.0.0.1/32` restricts.
+#[test]
+fn rsync_through_stunnel_configured_as_mtc_writes_it() -> Result<()> {
+    require_tools(&["stunnel", "rsync", "openssl"])?;
+    let dir = TempDir::new("mtc")?;
+    let cert = peers::self_signed_cert(dir.path())?;
+    let src = dir.join("src");
+    let expected = peers::generate_tree(&src, &TreeSpec::new(24, 200))?;
+    let module = dir.join("module");
+    fs::create_dir_all(&module)?;
+    let rsyncd = peers::rsyncd(dir.path(), "mod", &module)?;
+    let v6: std::net::SocketAddr = format!("[::1]:{}", splice_proxy_tests::free_port()).parse()?;
+    let server = peers::stunnel_server_at(dir.path(), &cert, rsyncd.addr, v6)?;
+    let protocol_host = format!("::1:{}", v6.port());
+    let fx = RsyncFixture {
+        dir,
+        cert,
+        src,
+        module,
+        expected,
+        rsyncd,
+        server,
+    };
+    let mut failures = Vec::new();
+    for mode in modes() {
+        for anonymous in [false, true] {
+            let creds = format!("{USER}:{PASS}");
+            let mut args = vec![
+                "--allow-dst",
+                "::1",
+                "--allow-port",
+                "1-65535",
+                "--mode",
+                &mode,
+            ];
+            if anonymous {
+                args.extend_from_slice(&["--allow-anonymous", "--allow-src", "127.0.0.1/32"]);
+            } else {
+                args.extend_from_slice(&["--credentials", &creds]);
+            }
+            let label = format!(
+                "mode {mode}, MTC template, {}",
+                if anonymous { "no credentials" } else { "basic" }
+            );
+            let run = || -> Result<()> {
+                let proxy = Proxy::start(&args)?;
+                let client = peers::stunnel_client_mtc(
+                    fx.dir.path(),
+                    &format!("stunnel-mtc-{mode}-{anonymous}"),
+                    proxy.addr,
+                    &protocol_host,
+                    if anonymous { ("", "") } else { (USER, PASS) },
+                    &fx.cert.cert,
+                    "::1",
+                )?;
+                let context = || reports(&proxy, &[&client, &fx.server, &fx.rsyncd]);
+                rsync_round(&fx, &label, &client, &context)?;
+                let line = proxy
+                    .wait_for_log(" status=200 ", Duration::from_secs(10))
+                    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", context()))?;
+                let target = format!("target=\"[::1]:{}\"", v6.port());
+                ensure!(line.contains(&target), "want {target}: {line}");
+                let user = if anonymous {
+                    "user=\"-\"".to_string()
+                } else {
+                    format!("user=\"{USER}\"")
+                };
+                ensure!(line.contains(&user), "want {user}: {line}");
+                assert_no_secrets(&proxy, &[PASS])?;
+                Ok(())
+            };
+            if let Err(e) = run() {
+                failures.push(format!("{label}: {e:#}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    Ok(())
+}
+
 #[test]
 fn stunnel_with_wrong_password_gets_nothing_through() -> Result<()> {
     require_tools(&["stunnel", "rsync", "openssl"])?;
