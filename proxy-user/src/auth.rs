@@ -14,6 +14,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::credentials::{LineError, Users};
+use crate::user_dst::UserDestinations;
 
 /// Who is tunnelling: `None` for an anonymous tunnel.
 pub type Identity = Option<String>;
@@ -36,16 +37,23 @@ pub enum SourceKind {
     CredentialsFile,
     /// `--htpasswd`: hashed passwords.
     Htpasswd,
+    /// `--user-dst`: the destinations each listed user is limited to.
+    UserDestinations,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 2] = [SourceKind::CredentialsFile, SourceKind::Htpasswd];
+    pub const ALL: [SourceKind; 3] = [
+        SourceKind::CredentialsFile,
+        SourceKind::Htpasswd,
+        SourceKind::UserDestinations,
+    ];
 
     /// The flag that names the file.
     pub fn flag(self) -> &'static str {
         match self {
             SourceKind::CredentialsFile => "--credentials-file",
             SourceKind::Htpasswd => "--htpasswd",
+            SourceKind::UserDestinations => "--user-dst",
         }
     }
 
@@ -54,6 +62,7 @@ impl SourceKind {
         match self {
             SourceKind::CredentialsFile => "credentials_file",
             SourceKind::Htpasswd => "htpasswd",
+            SourceKind::UserDestinations => "user_dst",
         }
     }
 }
@@ -63,6 +72,7 @@ impl std::fmt::Display for SourceKind {
         f.write_str(match self {
             SourceKind::CredentialsFile => "credentials file",
             SourceKind::Htpasswd => "htpasswd",
+            SourceKind::UserDestinations => "user destinations",
         })
     }
 }
@@ -135,6 +145,15 @@ impl UserFile for Htpasswd {
     }
 }
 
+impl UserFile for UserDestinations {
+    fn parse(text: &str) -> Result<UserDestinations, LineError> {
+        UserDestinations::parse(text)
+    }
+    fn len(&self) -> usize {
+        UserDestinations::len(self)
+    }
+}
+
 impl<T: UserFile> Source<T> {
     fn load(kind: SourceKind, path: &Path) -> Result<Source<T>, LoadError> {
         let source = Source {
@@ -193,6 +212,8 @@ pub struct Authenticator {
     users: Users,
     credentials_file: Option<Source<Users>>,
     htpasswd: Option<Source<Htpasswd>>,
+    /// `--user-dst`: not a source of users, but reloaded with them.
+    user_dst: Option<Source<UserDestinations>>,
     anonymous: bool,
 }
 
@@ -202,6 +223,7 @@ impl Authenticator {
         credentials: &[(String, String)],
         credentials_file: Option<&Path>,
         htpasswd: Option<&Path>,
+        user_dst: Option<&Path>,
         anonymous: bool,
     ) -> Result<Authenticator, LoadError> {
         let credentials_file = credentials_file
@@ -210,10 +232,14 @@ impl Authenticator {
         let htpasswd = htpasswd
             .map(|p| Source::load(SourceKind::Htpasswd, p))
             .transpose()?;
+        let user_dst = user_dst
+            .map(|p| Source::load(SourceKind::UserDestinations, p))
+            .transpose()?;
         Ok(Authenticator {
             users: Users::from_pairs(credentials),
             credentials_file,
             htpasswd,
+            user_dst,
             anonymous,
         })
     }
@@ -227,6 +253,7 @@ impl Authenticator {
         match kind {
             SourceKind::CredentialsFile => self.credentials_file.as_ref().map(|s| s.path.as_path()),
             SourceKind::Htpasswd => self.htpasswd.as_ref().map(|s| s.path.as_path()),
+            SourceKind::UserDestinations => self.user_dst.as_ref().map(|s| s.path.as_path()),
         }
     }
 
@@ -243,7 +270,17 @@ impl Authenticator {
                 .htpasswd
                 .as_ref()
                 .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
+            SourceKind::UserDestinations => self
+                .user_dst
+                .as_ref()
+                .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
         }
+    }
+
+    /// The per-user destinations in force (`--user-dst`), a snapshot a reload does not change;
+    /// `None` without the flag.
+    pub fn user_destinations(&self) -> Option<Arc<UserDestinations>> {
+        self.user_dst.as_ref().map(Source::get)
     }
 
     /// Checks a `Proxy-Authorization` value. bcrypt is slow by design, so
@@ -482,6 +519,7 @@ mod tests {
             ],
             None,
             None,
+            None,
             false,
         )
         .unwrap();
@@ -507,11 +545,12 @@ mod tests {
 
     #[test]
     fn anonymous() {
-        let open = Authenticator::new(&[], None, None, true).unwrap();
+        let open = Authenticator::new(&[], None, None, None, true).unwrap();
         assert_eq!(open.authenticate(None), Ok(None));
         assert_eq!(open.authenticate(Some(&basic("x:y"))), Ok(None));
         // With users and --allow-anonymous, credentials that are sent must be right.
-        let mixed = Authenticator::new(&[("u".into(), "p".into())], None, None, true).unwrap();
+        let mixed =
+            Authenticator::new(&[("u".into(), "p".into())], None, None, None, true).unwrap();
         assert_eq!(mixed.authenticate(None), Ok(None));
         assert!(mixed.authenticate(Some(&basic("u:bad"))).is_err());
     }
@@ -585,7 +624,7 @@ mod tests {
         let dir = Scratch::new("htpasswd");
         let path = dir.0.join("htpasswd");
         std::fs::write(&path, "u:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n").unwrap();
-        let a = Authenticator::new(&[], None, Some(&path), false).unwrap();
+        let a = Authenticator::new(&[], None, Some(&path), None, false).unwrap();
         assert!(a.authenticate(Some(&basic("u:secret"))).is_ok());
         std::fs::write(&path, "garbage\n").unwrap();
         let e = a.reload(SourceKind::Htpasswd, false).unwrap_err();
@@ -619,6 +658,7 @@ mod tests {
             &[("shared".into(), "from-flag".into())],
             Some(&creds),
             Some(&htpasswd),
+            None,
             false,
         )
         .unwrap();
@@ -705,7 +745,7 @@ mod tests {
         let dir = Scratch::new("startup");
         let creds = dir.0.join("creds");
         std::fs::write(&creds, "# users\nok:1\nnocolon\n").unwrap();
-        let e = Authenticator::new(&[], Some(&creds), None, false)
+        let e = Authenticator::new(&[], Some(&creds), None, None, false)
             .err()
             .unwrap();
         assert_eq!(
@@ -716,7 +756,7 @@ mod tests {
             )
         );
         let missing = dir.0.join("missing");
-        let e = Authenticator::new(&[], None, Some(&missing), false)
+        let e = Authenticator::new(&[], None, Some(&missing), None, false)
             .err()
             .unwrap();
         assert!(

@@ -66,6 +66,12 @@ pub struct RunArgs {
     #[arg(long = "htpasswd", value_name = "FILE")]
     pub htpasswd: Option<PathBuf>,
 
+    /// File of `user: pattern, pattern` lines (the --allow-dst syntax): each listed user may
+    /// tunnel only to its own destinations; --allow-dst still applies on top. Reloaded with
+    /// the users.
+    #[arg(long = "user-dst", value_name = "FILE")]
+    pub user_dst: Option<PathBuf>,
+
     /// Accept tunnels without credentials. Required for a non-loopback
     /// listener without --credentials, --credentials-file or --htpasswd.
     #[arg(long = "allow-anonymous")]
@@ -164,6 +170,7 @@ pub struct Config {
     pub credentials: Vec<(String, String)>,
     pub credentials_file: Option<PathBuf>,
     pub htpasswd: Option<PathBuf>,
+    pub user_dst: Option<PathBuf>,
     /// Tunnels without credentials are accepted: `--allow-anonymous`, or no
     /// credentials configured at all (allowed on loopback listeners only).
     pub allow_anonymous: bool,
@@ -216,6 +223,7 @@ impl RunArgs {
         for (flag, path) in [
             ("--credentials-file", &self.credentials_file),
             ("--htpasswd", &self.htpasswd),
+            ("--user-dst", &self.user_dst),
         ] {
             if let Some(path) = path {
                 if let Err(e) = std::fs::metadata(path) {
@@ -240,6 +248,7 @@ impl RunArgs {
             credentials: self.credentials,
             credentials_file: self.credentials_file,
             htpasswd: self.htpasswd,
+            user_dst: self.user_dst,
             allow_anonymous: self.allow_anonymous || !has_credentials,
             allow_src: self.allow_src,
             allow_dst: self.allow_dst,

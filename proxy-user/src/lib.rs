@@ -25,4 +25,5 @@ pub mod request;
 pub mod server;
 pub mod tunnel;
 pub mod upstream;
+pub mod user_dst;
 pub mod watch;

@@ -111,6 +111,7 @@ fn run(cfg: Config) -> ExitCode {
         &cfg.credentials,
         cfg.credentials_file.as_deref(),
         cfg.htpasswd.as_deref(),
+        cfg.user_dst.as_deref(),
         cfg.allow_anonymous,
     ) {
         Ok(a) => Arc::new(a),

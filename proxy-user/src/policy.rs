@@ -142,6 +142,10 @@ pub enum Denied {
     Address(String),
     #[error("{0} resolves only to addresses that are not allowed")]
     Addresses(String),
+    /// Allowed by `--allow-dst`, but not one of the authenticated user's own destinations
+    /// (`--user-dst`).
+    #[error("{0}, for this user (--user-dst)")]
+    ForUser(Box<Denied>),
 }
 
 /// The destination policy: `--allow-dst` patterns and `--allow-port`.

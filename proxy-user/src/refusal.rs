@@ -280,6 +280,28 @@ fn denied_entry(d: &Denied) -> (Status, ProxyError, String) {
             ProxyError::DestinationIpProhibited,
             format!("{t} resolves only to addresses --allow-dst does not allow"),
         ),
+        Denied::ForUser(inner) => {
+            let what = match inner.as_ref() {
+                Denied::Name(n) => format!("destination {n} is"),
+                Denied::Address(a) => format!("address {a} is"),
+                Denied::Addresses(t) => format!("the addresses of {t} are"),
+                // Users are limited by destination only; ports stay --allow-port's.
+                Denied::Port(p) => format!("port {p} is"),
+                Denied::ForUser(_) => "this destination is".into(),
+            };
+            let error = match inner.as_ref() {
+                Denied::Name(_) | Denied::Port(_) | Denied::ForUser(_) => {
+                    ProxyError::HttpRequestDenied
+                }
+                Denied::Address(_) | Denied::Addresses(_) => ProxyError::DestinationIpProhibited,
+            };
+            (
+                error,
+                format!(
+                    "{what} not among this user's destinations in --user-dst; use the user meant for this route, or add it to the user's line"
+                ),
+            )
+        }
     };
     (Status::Forbidden, error, details)
 }
@@ -429,6 +451,18 @@ mod tests {
                 Refusal::Connect(ConnectError::Denied(Denied::Addresses(
                     "rebind.test:443".into(),
                 ))),
+                403,
+                "destination_ip_prohibited",
+            ),
+            (
+                Refusal::Denied(Denied::ForUser(Box::new(Denied::Name("b.example".into())))),
+                403,
+                "http_request_denied",
+            ),
+            (
+                Refusal::Connect(ConnectError::Denied(Denied::ForUser(Box::new(
+                    Denied::Addresses("db.internal:443".into()),
+                )))),
                 403,
                 "destination_ip_prohibited",
             ),

@@ -18,7 +18,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::keepalive::Keepalive;
 use crate::limits::{Admission, Limits};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Denied, Policy};
 use crate::refusal::{Refusal, Status};
 use crate::request::{self, RequestError};
 use crate::tunnel::{self, DataPath, Handoff};
@@ -190,10 +190,20 @@ impl Proxy {
         };
         record.user = user;
 
-        // Authorize the destination name and port.
+        // Authorize the destination name and port, then against the user's own destinations
+        // (--user-dst), if it has any.
         self.policy
             .check_target(&req.target)
             .map_err(Refusal::Denied)?;
+        let user_dst = self.auth.user_destinations();
+        let user_policy = user_dst
+            .as_deref()
+            .zip(record.user.as_deref())
+            .and_then(|(d, user)| d.for_user(user));
+        if let Some(p) = user_policy {
+            p.check_target(&req.target)
+                .map_err(|d| Refusal::Denied(Denied::ForUser(Box::new(d))))?;
+        }
 
         // Take a tunnel slot.
         let permit = self
@@ -205,7 +215,7 @@ impl Proxy {
         // Connect upstream (every resolved address is checked by the policy).
         let (mut upstream, resolved) = self
             .connector
-            .connect(&req.target, &self.policy)
+            .connect(&req.target, &self.policy, user_policy)
             .await
             .map_err(|e| {
                 self.metrics.connect_failed(e.kind());
@@ -417,7 +427,7 @@ mod tests {
             unreachable!()
         };
         let cfg = args.validate().unwrap();
-        let auth = Arc::new(Authenticator::new(&[], None, None, true).unwrap());
+        let auth = Arc::new(Authenticator::new(&[], None, None, None, true).unwrap());
         let connector = Connector {
             resolver: Arc::new(resolver),
             timeout: Duration::from_secs(2),

@@ -71,13 +71,15 @@ pub struct Connector {
 }
 
 impl Connector {
-    /// Resolves `target`, keeps the addresses the policy allows, and races connection attempts
+    /// Resolves `target`, keeps the addresses the policy (and `user`'s own destinations, when
+    /// given) allow, and races connection attempts
     /// to them ([`race`], families interleaved) until one answers, all within the connect
     /// timeout.
     pub async fn connect(
         &self,
         target: &Target,
         policy: &Policy,
+        user: Option<&Policy>,
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let deadline = Instant::now() + self.timeout;
         let timeout = || ConnectError::Timeout(target.to_string());
@@ -98,8 +100,15 @@ impl Connector {
                 }
             }
         };
-        // Every address is checked before any SYN is sent.
-        let addrs = interleave(policy.filter_addrs(target, addrs)?);
+        // Every address is checked before any SYN is sent: by the global policy, then by the
+        // user's own destinations (--user-dst), if it has any.
+        let mut addrs = policy.filter_addrs(target, addrs)?;
+        if let Some(user) = user {
+            addrs = user
+                .filter_addrs(target, addrs)
+                .map_err(|d| Denied::ForUser(Box::new(d)))?;
+        }
+        let addrs = interleave(addrs);
         tokio::time::timeout_at(deadline.into(), race(addrs, ATTEMPT_DELAY))
             .await
             .unwrap_or_else(|_| Err(timeout()))
@@ -230,6 +239,7 @@ mod tests {
             .connect(
                 &parse_authority("no.such.host:443").unwrap(),
                 &loopback_policy(),
+                None,
             )
             .await
             .unwrap_err();
@@ -243,10 +253,10 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let c = connector(&[("svc.test", "127.0.0.1")]);
         let t = parse_authority(&format!("svc.test:{port}")).unwrap();
-        let (_, addr) = c.connect(&t, &loopback_policy()).await.unwrap();
+        let (_, addr) = c.connect(&t, &loopback_policy(), None).await.unwrap();
         assert_eq!(addr.port(), port);
         drop(listener);
-        let e = c.connect(&t, &loopback_policy()).await.unwrap_err();
+        let e = c.connect(&t, &loopback_policy(), None).await.unwrap_err();
         assert_eq!(e.kind(), "refused");
         assert_eq!(Refusal::Connect(e).status(), Status::BadGateway);
     }
@@ -256,7 +266,7 @@ mod tests {
         let c = connector(&[("rebind.test", "127.0.0.1")]);
         let policy = Policy::new(vec![], PortSet::single(443));
         let e = c
-            .connect(&parse_authority("rebind.test:443").unwrap(), &policy)
+            .connect(&parse_authority("rebind.test:443").unwrap(), &policy, None)
             .await
             .unwrap_err();
         assert_eq!(Refusal::Connect(e).status(), Status::Forbidden);
@@ -281,6 +291,7 @@ mod tests {
             .connect(
                 &parse_authority("slow.dns:443").unwrap(),
                 &loopback_policy(),
+                None,
             )
             .await
             .unwrap_err();
@@ -343,7 +354,7 @@ mod tests {
         };
         let t = parse_authority(&format!("he.test:{port}")).unwrap();
         let started = Instant::now();
-        let (_stream, addr) = c.connect(&t, &loopback_policy()).await.unwrap();
+        let (_stream, addr) = c.connect(&t, &loopback_policy(), None).await.unwrap();
         let took = started.elapsed();
         assert_eq!(addr, sa(&format!("127.0.0.1:{port}")));
         assert!(
@@ -396,7 +407,7 @@ mod tests {
             timeout: Duration::from_millis(600),
         };
         let t = parse_authority(&format!("dark.test:{port}")).unwrap();
-        let e = c.connect(&t, &loopback_policy()).await.unwrap_err();
+        let e = c.connect(&t, &loopback_policy(), None).await.unwrap_err();
         assert!(matches!(e, ConnectError::Timeout(_)), "{e}");
         assert_eq!(Refusal::Connect(e).status(), Status::GatewayTimeout);
     }

@@ -375,7 +375,7 @@ proptest! {
         let target = Target { host: Host::Name("rebind.test".into()), port: peers.port };
         prop_assert!(p.check_target(&target).is_ok());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let result = rt.block_on(connector.connect(&target, &p));
+        let result = rt.block_on(connector.connect(&target, &p, None));
         prop_assert_eq!(resolver.calls.load(Ordering::SeqCst), 1, "looked up more than once");
         let forbidden_hits = accepted(&peers.forbidden);
         prop_assert!(forbidden_hits.is_empty(), "connected to a forbidden address: {:?}", forbidden_hits);
@@ -434,12 +434,14 @@ fn forbidden_answers_are_403_and_literals_are_not_resolved() {
         .unwrap();
     let p = policy(&[format!("{ALLOWED}/32")], "1-65535");
     let t = parse_authority(&format!("rebind.test:{}", peers.port)).unwrap();
-    let e = rt.block_on(connector.connect(&t, &p)).unwrap_err();
+    let e = rt.block_on(connector.connect(&t, &p, None)).unwrap_err();
     assert!(matches!(e, ConnectError::Denied(_)), "{e}");
     assert_eq!(Refusal::Connect(e).status().code(), 403);
     // The same with the default policy, for the real loopback address.
     let default = policy(&[], "1-65535");
-    let e = rt.block_on(connector.connect(&t, &default)).unwrap_err();
+    let e = rt
+        .block_on(connector.connect(&t, &default, None))
+        .unwrap_err();
     let r = Refusal::Connect(e);
     assert_eq!(r.status().code(), 403, "{r}");
     assert_eq!(resolver.calls.load(Ordering::SeqCst), 2);
@@ -449,7 +451,7 @@ fn forbidden_answers_are_403_and_literals_are_not_resolved() {
         format!("[::ffff:{FORBIDDEN}]:{}", peers.port),
     ] {
         let t = parse_authority(&lit).unwrap();
-        let e = rt.block_on(connector.connect(&t, &p)).unwrap_err();
+        let e = rt.block_on(connector.connect(&t, &p, None)).unwrap_err();
         let r = Refusal::Connect(e);
         assert_eq!(r.status().code(), 403, "{lit}: {r}");
     }
