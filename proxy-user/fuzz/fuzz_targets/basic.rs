@@ -21,7 +21,7 @@ const PASS: &str = "s3cr:et";
 fn authenticator() -> &'static Authenticator {
     static AUTH: OnceLock<Authenticator> = OnceLock::new();
     AUTH.get_or_init(|| {
-        Authenticator::new(&[(USER.into(), PASS.into())], None, None, false)
+        Authenticator::new(&[(USER.into(), PASS.into())], None, None, None, false)
             .expect("static users need no file")
     })
 }
