@@ -225,6 +225,15 @@ mod tests {
         }
     }
 
+    /// A connector whose resolver answers `name` with `ips`, in that order.
+    fn resolving(name: &str, ips: &[&str], timeout: Duration) -> Connector {
+        let ips = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+        Connector {
+            resolver: Arc::new(StaticResolver([(name.to_string(), ips)].into())),
+            timeout,
+        }
+    }
+
     fn loopback_policy() -> Policy {
         Policy::new(
             vec![DstPattern::parse("127.0.0.0/8").unwrap()],
@@ -342,16 +351,11 @@ mod tests {
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = live.local_addr().unwrap().port();
         let _hole = black_hole("127.0.0.2", port);
-        let c = Connector {
-            resolver: Arc::new(StaticResolver(
-                [(
-                    "he.test".to_string(),
-                    vec!["127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap()],
-                )]
-                .into(),
-            )),
-            timeout: Duration::from_secs(3),
-        };
+        let c = resolving(
+            "he.test",
+            &["127.0.0.2", "127.0.0.1"],
+            Duration::from_secs(3),
+        );
         let t = parse_authority(&format!("he.test:{port}")).unwrap();
         let started = Instant::now();
         let (_stream, addr) = c.connect(&t, &loopback_policy(), None).await.unwrap();
@@ -396,16 +400,11 @@ mod tests {
         drop(probe);
         let _a = black_hole("127.0.0.5", port);
         let _b = black_hole("127.0.0.6", port);
-        let c = Connector {
-            resolver: Arc::new(StaticResolver(
-                [(
-                    "dark.test".to_string(),
-                    vec!["127.0.0.5".parse().unwrap(), "127.0.0.6".parse().unwrap()],
-                )]
-                .into(),
-            )),
-            timeout: Duration::from_millis(600),
-        };
+        let c = resolving(
+            "dark.test",
+            &["127.0.0.5", "127.0.0.6"],
+            Duration::from_millis(600),
+        );
         let t = parse_authority(&format!("dark.test:{port}")).unwrap();
         let e = c.connect(&t, &loopback_policy(), None).await.unwrap_err();
         assert!(matches!(e, ConnectError::Timeout(_)), "{e}");

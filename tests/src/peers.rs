@@ -403,7 +403,6 @@ pub fn stunnel_client(
     ca: &Path,
 ) -> Result<Daemon> {
     let addr = free_addr();
-    let conf = dir.join(format!("{name}.conf"));
     let mut text = STUNNEL_GLOBAL.to_string();
     writeln!(text, "[client]\nclient = yes\naccept = {addr}")?;
     match proxy {
@@ -419,11 +418,25 @@ pub fn stunnel_client(
             "protocolAuthentication = basic\nprotocolUsername = {user}\nprotocolPassword = {pass}"
         )?;
     }
+    spawn_client(dir, name, addr, text, ca, "127.0.0.1")
+}
+
+/// Ends a stunnel client's configuration `text` (the server verified against `ca` and
+/// `check_ip`), writes it to `<name>.conf` and starts stunnel, accepting on `addr`.
+fn spawn_client(
+    dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    mut text: String,
+    ca: &Path,
+    check_ip: &str,
+) -> Result<Daemon> {
     writeln!(
         text,
-        "CAfile = {}\nverifyPeer = yes\ncheckIP = 127.0.0.1",
+        "CAfile = {}\nverifyPeer = yes\ncheckIP = {check_ip}",
         ca.display()
     )?;
+    let conf = dir.join(format!("{name}.conf"));
     fs::write(&conf, text)?;
     let mut cmd = Command::new("stunnel");
     cmd.arg(&conf);
@@ -446,7 +459,6 @@ pub fn stunnel_client_mtc(
     check_ip: &str,
 ) -> Result<Daemon> {
     let addr = free_addr();
-    let conf = dir.join(format!("{name}.conf"));
     let mut text = STUNNEL_GLOBAL.to_string();
     writeln!(
         text,
@@ -456,15 +468,7 @@ pub fn stunnel_client_mtc(
     if !user.is_empty() && !pass.is_empty() {
         writeln!(text, "protocolUsername = {user}\nprotocolPassword = {pass}")?;
     }
-    writeln!(
-        text,
-        "CAfile = {}\nverifyPeer = yes\ncheckIP = {check_ip}",
-        ca.display()
-    )?;
-    fs::write(&conf, text)?;
-    let mut cmd = Command::new("stunnel");
-    cmd.arg(&conf);
-    Daemon::spawn(name, cmd, dir, addr)
+    spawn_client(dir, name, addr, text, ca, check_ip)
 }
 
 /// Starts `openssl s_server -WWW` on 127.0.0.1:<free>, serving the files in

@@ -129,6 +129,37 @@ struct RsyncFixture {
     server: Daemon,
 }
 
+impl RsyncFixture {
+    /// A generated tree, rsyncd with a writable module `mod`, and a stunnel server on
+    /// `server_addr` in front of it.
+    fn new(tag: &str, spec: &TreeSpec, server_addr: std::net::SocketAddr) -> Result<RsyncFixture> {
+        let dir = TempDir::new(tag)?;
+        let cert = peers::self_signed_cert(dir.path())?;
+        let src = dir.join("src");
+        let t = Instant::now();
+        let expected = peers::generate_tree(&src, spec)?;
+        eprintln!(
+            "generated {} files, {:.1} MB in {:.1} s",
+            expected.len(),
+            manifest_bytes(&expected) as f64 / 1e6,
+            t.elapsed().as_secs_f64()
+        );
+        let module = dir.join("module");
+        fs::create_dir_all(&module)?;
+        let rsyncd = peers::rsyncd(dir.path(), "mod", &module)?;
+        let server = peers::stunnel_server_at(dir.path(), &cert, rsyncd.addr, server_addr)?;
+        Ok(RsyncFixture {
+            dir,
+            cert,
+            src,
+            module,
+            expected,
+            rsyncd,
+            server,
+        })
+    }
+}
+
 /// Pushes the tree through the stunnel client `client` to the module dir
 /// `label`, pulls it back, compares both copies with the source, prints the
 /// throughput. `context` renders the logs for a failure message.
@@ -220,35 +251,11 @@ fn rsync_mode(fx: &RsyncFixture, mode: &str) -> Result<()> {
 fn rsync_through_stunnel_and_proxy() -> Result<()> {
     require_tools(&["stunnel", "rsync", "openssl"])?;
     let modes = modes();
-    let dir = TempDir::new("rsync")?;
-    let cert = peers::self_signed_cert(dir.path())?;
     let large_mib = std::env::var("SPLICE_PEERS_LARGE_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(640);
-    let spec = TreeSpec::new(large_mib, 3000);
-    let src = dir.join("src");
-    let t = Instant::now();
-    let expected = peers::generate_tree(&src, &spec)?;
-    eprintln!(
-        "generated {} files, {:.1} MB in {:.1} s",
-        expected.len(),
-        manifest_bytes(&expected) as f64 / 1e6,
-        t.elapsed().as_secs_f64()
-    );
-    let module = dir.join("module");
-    fs::create_dir_all(&module)?;
-    let rsyncd = peers::rsyncd(dir.path(), "mod", &module)?;
-    let server = peers::stunnel_server(dir.path(), &cert, rsyncd.addr)?;
-    let fx = RsyncFixture {
-        dir,
-        cert,
-        src,
-        module,
-        expected,
-        rsyncd,
-        server,
-    };
+    let fx = RsyncFixture::new("rsync", &TreeSpec::new(large_mib, 3000), peers::free_addr())?;
     // The peers alone first: if this fails, the proxy is not to blame.
     rsync_direct(&fx).context("baseline without the proxy")?;
 
@@ -270,25 +277,9 @@ fn rsync_through_stunnel_and_proxy() -> Result<()> {
 #[test]
 fn rsync_through_stunnel_configured_as_mtc_writes_it() -> Result<()> {
     require_tools(&["stunnel", "rsync", "openssl"])?;
-    let dir = TempDir::new("mtc")?;
-    let cert = peers::self_signed_cert(dir.path())?;
-    let src = dir.join("src");
-    let expected = peers::generate_tree(&src, &TreeSpec::new(24, 200))?;
-    let module = dir.join("module");
-    fs::create_dir_all(&module)?;
-    let rsyncd = peers::rsyncd(dir.path(), "mod", &module)?;
     let v6: std::net::SocketAddr = format!("[::1]:{}", splice_proxy_tests::free_port()).parse()?;
-    let server = peers::stunnel_server_at(dir.path(), &cert, rsyncd.addr, v6)?;
+    let fx = RsyncFixture::new("mtc", &TreeSpec::new(24, 200), v6)?;
     let protocol_host = format!("::1:{}", v6.port());
-    let fx = RsyncFixture {
-        dir,
-        cert,
-        src,
-        module,
-        expected,
-        rsyncd,
-        server,
-    };
     let mut failures = Vec::new();
     for mode in modes() {
         for anonymous in [false, true] {
