@@ -106,7 +106,6 @@ impl Proxy {
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
         let _ = client.set_nodelay(true);
-        self.set_keepalive(&client, "client");
         // Admit: a source not in --allow-src (403) or a connection over a
         // limit (503) is answered and closed at once, without reading the head.
         let mut admission = match self.limits.admit(peer.ip()) {
@@ -121,6 +120,8 @@ impl Proxy {
                 return;
             }
         };
+        // Not before admission: a flood refused at once costs no more system calls.
+        self.set_keepalive(&client, "client");
         match self
             .handshake(&mut client, &mut record, &mut admission)
             .await
