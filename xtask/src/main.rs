@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
-use crate::util::{cargo, run_step, step};
+use crate::util::{cargo, run_step, run_tests, step};
 
 #[derive(Parser)]
 #[command(about = "splice-proxy developer tasks")]
@@ -141,15 +141,6 @@ fn test(args: &[OsString]) -> Result<()> {
         "setup+build {:.0}s",
         started.elapsed().as_secs_f64()
     )];
-    let mut check = |name: &'static str, what: &str, cmd: &mut Command| {
-        let t = Instant::now();
-        if let Err(err) = run_step(what, cmd) {
-            eprintln!("xtask: {name} failed: {err:#}");
-            failed.push(name);
-        }
-        timings.push(format!("{name} {:.0}s", t.elapsed().as_secs_f64()));
-    };
-
     let mut tests = cargo();
     tests
         .args([
@@ -166,7 +157,23 @@ fn test(args: &[OsString]) -> Result<()> {
     if std::env::var_os("SPLICE_PROXY_BIN").is_none() {
         tests.env("SPLICE_PROXY_BIN", release_binary());
     }
-    check("tests", "run the tests (release)", &mut tests);
+    let t = Instant::now();
+    let mut failures = String::new();
+    if let Err((err, report)) = run_tests("run the tests (release)", &mut tests) {
+        eprintln!("xtask: tests failed: {err:#}");
+        failed.push("tests");
+        failures = report;
+    }
+    timings.push(format!("tests {:.0}s", t.elapsed().as_secs_f64()));
+
+    let mut check = |name: &'static str, what: &str, cmd: &mut Command| {
+        let t = Instant::now();
+        if let Err(err) = run_step(what, cmd) {
+            eprintln!("xtask: {name} failed: {err:#}");
+            failed.push(name);
+        }
+        timings.push(format!("{name} {:.0}s", t.elapsed().as_secs_f64()));
+    };
 
     // The parsers on hostile input, for a bounded time each (SPLICE_FUZZ_SECONDS, default 60).
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
@@ -222,6 +229,10 @@ fn test(args: &[OsString]) -> Result<()> {
         step(&format!("test: all green in {total:.0}s ({timings})"));
         Ok(())
     } else {
+        if !failures.is_empty() {
+            // Repeated here so that the end of a long CI log names the failed tests.
+            eprintln!("xtask: the failed tests, as the harness reported them:\n{failures}");
+        }
         anyhow::bail!(
             "test: {} failed after {total:.0}s ({timings})",
             failed.join(", ")

@@ -61,3 +61,57 @@ pub fn display(cmd: &Command) -> String {
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
 }
+
+/// Like [`run_step`] for `cargo test`: passes its output through and returns, when it fails,
+/// the harness's report of each failed test (the `failures:` sections, at most `MAX_LINES`), so
+/// the end of a long log still says which test failed and why.
+pub fn run_tests(what: &str, cmd: &mut Command) -> Result<(), (anyhow::Error, String)> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    const MAX_LINES: usize = 120;
+    step(&format!("{what}: {}", display(cmd)));
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            (
+                anyhow::anyhow!("cannot start {}: {e}", display(cmd)),
+                String::new(),
+            )
+        })?;
+    let mut report = Vec::new();
+    let mut in_failures = false;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let _ = writeln!(out, "{line}");
+        if line == "failures:" {
+            in_failures = true;
+        } else if line.starts_with("test result:") {
+            in_failures = false;
+        }
+        if (in_failures || line.ends_with("... FAILED")) && report.len() < MAX_LINES {
+            report.push(line);
+        }
+    }
+    drop(out);
+    let status = child.wait().map_err(|e| {
+        (
+            anyhow::anyhow!("waiting for {}: {e}", display(cmd)),
+            String::new(),
+        )
+    })?;
+    if status.success() {
+        return Ok(());
+    }
+    Err((
+        anyhow::anyhow!(
+            "`{}` {status} after {:.0}s",
+            display(cmd),
+            started.elapsed().as_secs_f64()
+        ),
+        report.join("\n"),
+    ))
+}
