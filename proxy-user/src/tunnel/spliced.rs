@@ -46,6 +46,10 @@ pub(super) struct Spliced {
     src_empty: bool,
     /// Handing back was refused (the source is no longer ESTABLISHED): splice to the end.
     to_the_end: bool,
+    /// When the run began (it lasts at least its hold), and how often the peer refused bytes
+    /// since (for the debug log).
+    began: Instant,
+    refusals: u64,
 }
 
 impl Spliced {
@@ -68,6 +72,8 @@ impl Spliced {
             pressed: Instant::now(),
             src_empty: false,
             to_the_end: false,
+            began: Instant::now(),
+            refusals: 0,
         })
     }
 
@@ -81,11 +87,13 @@ impl Spliced {
         self.to_the_end = true;
     }
 
-    /// Forwards until the peer has kept up for `quiet` with at most `max_outq` bytes in its send
-    /// queue, or the source's FIN has been passed on. `progress(n)` counts bytes written.
+    /// Forwards for at least `hold`, then until the peer has kept up for `quiet` with at most
+    /// `max_outq` bytes in its send queue, or the source's FIN has been passed on. `progress(n)`
+    /// counts bytes written.
     /// Cancel-safe: all state is in `self`, and nothing is read that is not kept.
     pub(super) async fn run(
         &mut self,
+        hold: Duration,
         quiet: Duration,
         max_outq: u64,
         mut progress: impl FnMut(usize),
@@ -110,6 +118,7 @@ impl Spliced {
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             self.pressed = Instant::now();
+                            self.refusals += 1;
                             break;
                         }
                         Err(e) => return Err(MoveError::Dst(e)),
@@ -141,8 +150,15 @@ impl Spliced {
                 return Ok(Stop::Eof);
             }
             let idle = self.in_pipe == 0 && self.src_empty && !self.to_the_end;
-            if idle && self.pressed.elapsed() >= quiet {
+            let held = self.began.elapsed() >= hold;
+            if idle && held && self.pressed.elapsed() >= quiet {
                 if sys::outq(self.dst).map_err(MoveError::Dst)? <= max_outq {
+                    tracing::debug!(
+                        "spliced: quiet after {:?}, {} bytes, {} refusals by the peer",
+                        self.began.elapsed(),
+                        self.written,
+                        self.refusals,
+                    );
                     return Ok(Stop::Quiet);
                 }
                 // Quiet, but the peer still has much queued: look again shortly.
@@ -152,7 +168,7 @@ impl Spliced {
                 }
                 continue;
             }
-            let deadline = self.pressed + quiet;
+            let deadline = (self.pressed + quiet).max(self.began + hold);
             tokio::select! {
                 r = self.wait() => r.map_err(MoveError::Src)?,
                 () = tokio::time::sleep_until(deadline), if idle => {}

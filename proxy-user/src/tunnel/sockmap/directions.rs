@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::backoff::Backoff;
 use super::{Dir, Registration};
 use crate::tunnel::detach::Answer;
 use crate::tunnel::end::End;
@@ -28,6 +29,9 @@ pub(super) struct Movers {
     /// A direction off the kernel path, forwarded by splice(2).
     pub(super) up_spliced: Option<Spliced>,
     pub(super) down_spliced: Option<Spliced>,
+    /// How long each direction stays spliced at least.
+    pub(super) up_backoff: Backoff,
+    pub(super) down_backoff: Backoff,
     pub(super) client: RawFd,
     pub(super) upstream: RawFd,
 }
@@ -45,6 +49,13 @@ impl Movers {
         match dir {
             Dir::Up => (self.client, self.upstream),
             Dir::Down => (self.upstream, self.client),
+        }
+    }
+
+    fn backoff(&mut self, dir: Dir) -> &mut Backoff {
+        match dir {
+            Dir::Up => &mut self.up_backoff,
+            Dir::Down => &mut self.down_backoff,
         }
     }
 
@@ -128,6 +139,8 @@ impl Registration<'_> {
             down_moving: false,
             up_spliced: None,
             down_spliced: None,
+            up_backoff: Backoff::default(),
+            down_backoff: Backoff::default(),
             client,
             upstream,
         }
@@ -201,7 +214,10 @@ impl Registration<'_> {
                 let backlog = self.sockmap.backlog;
                 set_sndbuf(dst, backlog.spliced_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
                 match Spliced::new(src, dst, target) {
-                    Ok(sp) => movers.set_spliced(dir, Some(sp)),
+                    Ok(sp) => {
+                        movers.backoff(dir).leaving(std::time::Instant::now());
+                        movers.set_spliced(dir, Some(sp));
+                    }
                     Err(e) => {
                         // No pipe to be had (out of descriptors): straight back to the kernel.
                         tracing::warn!("sockmap: cannot splice ({e}); the kernel keeps forwarding");
@@ -233,7 +249,10 @@ impl Registration<'_> {
         };
         let (src, dst) = movers.fds(dir);
         match self.rearm_socket(movers, dir, sp.written()) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                movers.backoff(dir).returned(std::time::Instant::now());
+                Ok(())
+            }
             Err(_) if !established(src) => {
                 let mut sp = sp;
                 sp.splice_to_the_end();
@@ -305,16 +324,20 @@ impl Registration<'_> {
     }
 }
 
-/// Runs a spliced direction until it stops; never, for one on the kernel path.
+/// Runs a spliced direction until it stops (`hold`: see `backoff.rs`); never, for one on the
+/// kernel path.
 pub(super) async fn spliced_run(
     sp: &mut Option<Spliced>,
+    hold: Duration,
     backlog: Backlog,
     spliced: &Progress,
     dir: Dir,
 ) -> Result<Stop, MoveError> {
     match sp {
         Some(sp) => {
-            sp.run(SPLICE_QUIET, backlog.soft().max(1), |n| {
+            // Returning with the peer's queue near the soft threshold would cross it again at
+            // once: the reader has caught up only once a quarter of it is left.
+            sp.run(hold, SPLICE_QUIET, (backlog.soft() / 4).max(1), |n| {
                 spliced.add(dir.into(), n)
             })
             .await

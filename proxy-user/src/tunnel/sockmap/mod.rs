@@ -26,6 +26,7 @@
 //! - `watch.rs`: the one watch loop of a tunnel (FIN, errors, hold wake-ups, spliced
 //!   directions, pumps, the idle clock, shutdown).
 
+mod backoff;
 mod directions;
 mod handoff;
 mod watch;

@@ -129,7 +129,7 @@ impl Registration<'_> {
                         return end;
                     }
                 }
-                r = spliced_run(&mut movers.up_spliced, self.sockmap.backlog, &self.spliced, Dir::Up), if !up_done => {
+                r = spliced_run(&mut movers.up_spliced, movers.up_backoff.hold(), self.sockmap.backlog, &self.spliced, Dir::Up), if !up_done => {
                     match self.spliced_stopped(&mut movers, Dir::Up, r) {
                         Ok(done) => up_done = done,
                         Err(end) => return end,
@@ -140,7 +140,7 @@ impl Registration<'_> {
                         return end;
                     }
                 }
-                r = spliced_run(&mut movers.down_spliced, self.sockmap.backlog, &self.spliced, Dir::Down), if !down_done => {
+                r = spliced_run(&mut movers.down_spliced, movers.down_backoff.hold(), self.sockmap.backlog, &self.spliced, Dir::Down), if !down_done => {
                     match self.spliced_stopped(&mut movers, Dir::Down, r) {
                         Ok(done) => down_done = done,
                         Err(end) => return end,
