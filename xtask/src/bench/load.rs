@@ -329,7 +329,7 @@ fn transfer(
         .map(|mut c| {
             let barrier = barrier.clone();
             let head = transfer_head(per, rate);
-            thread::spawn(move || -> io::Result<()> {
+            thread::spawn(move || -> io::Result<Instant> {
                 let buf = vec![0x5au8; CHUNK];
                 barrier.wait();
                 c.write_all(&head)?;
@@ -339,23 +339,33 @@ fn transfer(
                     c.write_all(&buf[..n])?;
                     left -= n as u64;
                 }
+                // The sink answers once it has counted every byte.
                 let mut ack = [0u8; 1];
                 c.read_exact(&mut ack)?;
+                let done = Instant::now();
                 c.shutdown(Shutdown::Both).ok();
-                Ok(())
+                Ok(done)
             })
         })
         .collect();
-    barrier.wait();
+    // The clock starts before the writers are released: with many writers on few CPUs, this
+    // thread may run again only after they have been writing for a while (stream64 once
+    // reported 365 Gbit/s that way). It stops at the last sink's confirmation, as each writer
+    // saw it, not when this thread gets round to noticing.
     let cpu = CpuSnap::take(pid);
     let started = Instant::now();
+    barrier.wait();
     let mut first_err = None;
+    let mut last = started;
     for w in workers {
-        if let Err(e) = w.join().expect("stream worker panicked") {
-            first_err.get_or_insert(e);
+        match w.join().expect("stream worker panicked") {
+            Ok(done) => last = last.max(done),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
         }
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = last.duration_since(started).as_secs_f64();
     let (total_cpu, proxy_cpu) = cpu.since(pid);
     if let Some(e) = first_err {
         return Err(e).context("stream transfer");
@@ -424,8 +434,9 @@ pub fn handshakes(
             })
         })
         .collect();
-    barrier.wait();
+    // Started before the clients are released, for the same reason as in `transfer`.
     let started = Instant::now();
+    barrier.wait();
     thread::sleep(dur);
     stop.store(true, Ordering::Relaxed);
     let mut micros = Vec::new();

@@ -8,6 +8,7 @@
 //! `splice`).
 
 mod load;
+mod plausible;
 mod readerbound;
 mod report;
 mod rsync;
@@ -227,6 +228,12 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
             .trim()
     );
 
+    let bound = plausible::Bound::measure();
+    eprintln!(
+        "bench: no transfer here can exceed {:.0} Gbit/s (memory copy, every core, two copies \
+         per byte)",
+        bound.copy_gbit
+    );
     let dir = targets::TempDir::new()?;
     let sink = load::Sink::start()?;
     // Canonical order, whatever order they were asked in.
@@ -352,7 +359,7 @@ pub fn run(opts: &Opts, proxy_bin: &Path) -> Result<Report> {
     drop(rig);
     drop(wan);
 
-    let report = Report::new(opts, &names, &scenarios, outcome, proxy_bin);
+    let report = Report::new(opts, &names, &scenarios, outcome, proxy_bin, bound);
     let json = opts.json_path();
     if let Some(parent) = json.parent() {
         std::fs::create_dir_all(parent)?;

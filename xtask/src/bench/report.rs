@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use super::plausible::{self, Bound};
 use super::{Opts, Outcome, Sample, readerbound, targets, wan};
 
 /// median, min, max
@@ -152,6 +153,9 @@ pub struct Report {
     titles: Vec<String>,
     options: Value,
     proxy_binary: String,
+    /// Figures that cannot be true (`plausible.rs`); the run fails when there are any.
+    implausible: Vec<String>,
+    bound: Bound,
 }
 
 impl Report {
@@ -161,8 +165,11 @@ impl Report {
         scenarios: &[&'static str],
         outcome: Outcome,
         proxy_binary: &std::path::Path,
+        bound: Bound,
     ) -> Report {
         Report {
+            implausible: plausible::implausible(&outcome.samples, bound),
+            bound,
             proxy_binary: proxy_binary.display().to_string(),
             targets: targets.to_vec(),
             scenarios: scenarios.to_vec(),
@@ -285,6 +292,8 @@ impl Report {
             "proxy_binary": self.proxy_binary,
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "options": self.options,
+            "memory_copy_bound_gbit_s": self.bound.copy_gbit,
+            "implausible": self.implausible,
             "cpu_note": "total CPU = user+nice+system+irq+softirq over all CPUs from /proc/stat \
                          (client, sink and proxy included); proxy CPU = utime+stime of the proxy \
                          process from /proc/PID/stat; GB = 1e9 bytes",
@@ -343,6 +352,16 @@ impl Report {
     /// Markdown tables (readable on a terminal too).
     pub fn text(&self) -> String {
         let mut out = String::new();
+        if !self.implausible.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n**NOT RESULTS: this run measured figures that cannot be true; do not publish \
+                 them.**\n"
+            );
+            for f in &self.implausible {
+                let _ = writeln!(out, "- {f}");
+            }
+        }
         for (i, &s) in self.scenarios.iter().enumerate() {
             let _ = writeln!(out, "\n### {s}: {}\n", self.titles[i]);
             let cols = columns(s);
@@ -521,8 +540,16 @@ fn machine() -> Value {
 }
 
 impl Report {
-    /// Fails if any measurement failed (after everything was written and printed).
+    /// Fails if any figure cannot be true or any measurement failed (after everything was
+    /// written and printed).
     pub fn check(&self) -> anyhow::Result<()> {
+        if !self.implausible.is_empty() {
+            anyhow::bail!(
+                "{} figure(s) cannot be true, the bench has a defect: {}",
+                self.implausible.len(),
+                self.implausible.join("; ")
+            );
+        }
         if self.outcome.errors.is_empty() {
             return Ok(());
         }
@@ -614,6 +641,7 @@ mod tests {
             &["readerbound-300M-8"],
             outcome,
             std::path::Path::new("/nonexistent"),
+            Bound { copy_gbit: 200.0 },
         );
         assert_eq!(r.vs("direct", &s, "squid", "total_cpu_s_per_gb"), Some(1.5));
         assert_eq!(r.vs("splice", &s, "squid", "total_cpu_s_per_gb"), Some(1.2));
