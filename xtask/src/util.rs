@@ -82,6 +82,8 @@ pub fn run_tests(what: &str, cmd: &mut Command) -> Result<(), (anyhow::Error, St
         })?;
     let mut report = Vec::new();
     let mut in_failures = false;
+    // Backtrace frames say where in the harness, not what failed; the panic line says what.
+    let mut in_backtrace = false;
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
@@ -92,7 +94,13 @@ pub fn run_tests(what: &str, cmd: &mut Command) -> Result<(), (anyhow::Error, St
         } else if line.starts_with("test result:") {
             in_failures = false;
         }
-        if (in_failures || line.ends_with("... FAILED")) && report.len() < MAX_LINES {
+        if line == "stack backtrace:" {
+            in_backtrace = true;
+        } else if in_backtrace && (line.starts_with("note: ") || line.starts_with("----")) {
+            in_backtrace = false;
+        }
+        let keep = (in_failures && !in_backtrace) || line.ends_with("... FAILED");
+        if keep && report.len() < MAX_LINES {
             report.push(line);
         }
     }
