@@ -293,7 +293,9 @@ async fn refuse(mut client: TcpStream, refusal: &Refusal, admission: &mut Admiss
     }
     let _ = client.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 16 * 1024];
+        // On the heap, allocated only here: an array would sit in every connection's future
+        // (the state of this await point), 16 KiB for each idle tunnel.
+        let mut sink = vec![0u8; 16 * 1024];
         let mut total = 0usize;
         while let Ok(n) = client.read(&mut sink).await {
             total += n;
@@ -416,7 +418,7 @@ mod tests {
     use crate::upstream::testing::StaticResolver;
     use std::collections::HashMap;
 
-    async fn start(resolver: StaticResolver) -> (SocketAddr, CancellationToken) {
+    fn test_proxy(resolver: StaticResolver) -> Arc<Proxy> {
         let cli = <crate::config::Cli as clap::Parser>::parse_from([
             "splice-proxy",
             "run",
@@ -434,13 +436,17 @@ mod tests {
             timeout: Duration::from_secs(2),
         };
         let metrics = Arc::new(Metrics::new(crate::tunnel::Mode::Copy));
-        let proxy = Arc::new(Proxy::new(
+        Arc::new(Proxy::new(
             cfg.server_settings(),
             auth,
             connector,
             DataPath::Copy,
             metrics,
-        ));
+        ))
+    }
+
+    async fn start(resolver: StaticResolver) -> (SocketAddr, CancellationToken) {
+        let proxy = test_proxy(resolver);
         let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).await.unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -491,5 +497,21 @@ mod tests {
         let line = status_for(addr, "rebind.test:443").await;
         assert!(line.starts_with("HTTP/1.1 403 "), "{line}");
         stop.cancel();
+    }
+
+    /// Every connection's future lives as long as its tunnel, so an idle tunnel's userspace
+    /// memory is mostly this future, sized by its largest await point. A 16 KiB drain buffer
+    /// held across an await in `refuse` once made it 21 KiB for every tunnel (18 KiB of RSS per
+    /// idle tunnel); the data paths' own futures are boxed, so only the one a tunnel uses is
+    /// allocated. 1,920 bytes when this was written.
+    #[tokio::test]
+    async fn a_connection_future_is_small() {
+        let proxy = test_proxy(StaticResolver(HashMap::new()));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let peer = c.local_addr().unwrap();
+        let fut = proxy.serve_connection(c, peer);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 2560, "a connection's future is {size} bytes");
     }
 }

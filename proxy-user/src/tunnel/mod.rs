@@ -242,16 +242,16 @@ pub async fn forward(
     let (end, error) = match (mode, handoff.0) {
         // Sockmap with a socket half-closed before the handoff: see DataPath::register.
         (Mode::Copy, _) | (Mode::Sockmap, None) => {
-            copy_both(&client, &upstream, &progress, idle, &cancel).await
+            Box::pin(copy_both(&client, &upstream, &progress, idle, &cancel)).await
         }
         (Mode::Splice, _) => {
-            drive(
+            Box::pin(drive(
                 splice::pump(&client, &upstream, Dir::Up, &progress),
                 splice::pump(&upstream, &client, Dir::Down, &progress),
                 &progress,
                 idle,
                 &cancel,
-            )
+            ))
             .await
         }
         (Mode::Sockmap, Some(mut reg)) => {
@@ -259,15 +259,16 @@ pub async fn forward(
                 Ok(sockmap::Armed::Kernel) if reg.fully_armed() => {
                     // Out of tokio's reactor for the rest of the tunnel: the
                     // kernel wakes epoll for every batch the program moves.
-                    let (result, sockets) = reg.run_detached(client, upstream, idle, &cancel).await;
+                    let (result, sockets) =
+                        Box::pin(reg.run_detached(client, upstream, idle, &cancel)).await;
                     (result, Some(sockets))
                 }
                 Ok(sockmap::Armed::Kernel) => {
-                    let r = reg.run(&client, &upstream, idle, &cancel).await;
+                    let r = Box::pin(reg.run(&client, &upstream, idle, &cancel)).await;
                     (r, Some(to_std(client, upstream)))
                 }
                 Ok(sockmap::Armed::Userspace) => {
-                    let r = copy_both(&client, &upstream, &progress, idle, &cancel).await;
+                    let r = Box::pin(copy_both(&client, &upstream, &progress, idle, &cancel)).await;
                     (r, Some(to_std(client, upstream)))
                 }
                 Err(e) => (
