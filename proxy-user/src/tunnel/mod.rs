@@ -243,10 +243,26 @@ pub async fn forward(
     let (end, error) = match (mode, handoff.0) {
         // Sockmap with a socket half-closed before the handoff: see DataPath::register.
         (Mode::Copy, _) | (Mode::Sockmap, None) => {
-            Box::pin(copy_both(&client, &upstream, &progress, idle, &cancel)).await
+            Box::pin(both(
+                copy::pump,
+                &client,
+                &upstream,
+                &progress,
+                idle,
+                &cancel,
+            ))
+            .await
         }
         (Mode::Splice, _) => {
-            Box::pin(splice_both(&client, &upstream, &progress, idle, &cancel)).await
+            Box::pin(both(
+                splice::pump,
+                &client,
+                &upstream,
+                &progress,
+                idle,
+                &cancel,
+            ))
+            .await
         }
         (Mode::Sockmap, Some(mut reg)) => {
             let (result, detached) = match reg.arm(&client, &upstream).await {
@@ -262,7 +278,15 @@ pub async fn forward(
                     (r, Some(to_std(client, upstream)))
                 }
                 Ok(sockmap::Armed::Userspace) => {
-                    let r = Box::pin(copy_both(&client, &upstream, &progress, idle, &cancel)).await;
+                    let r = Box::pin(both(
+                        copy::pump,
+                        &client,
+                        &upstream,
+                        &progress,
+                        idle,
+                        &cancel,
+                    ))
+                    .await;
                     (r, Some(to_std(client, upstream)))
                 }
                 Err(e) => (
@@ -330,29 +354,23 @@ fn reset_if(end: End, a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
     }
 }
 
-/// The splice data path over both directions.
-async fn splice_both(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    progress: &Progress,
+/// Both directions of a tunnel, each moved by `pump` (`splice::pump` or `copy::pump`). The
+/// directions are pinned here rather than in `drive`: futures passed by value would be stored
+/// twice in its state (as arguments and as pinned locals), 688 bytes more for every splice
+/// tunnel.
+async fn both<'a, F>(
+    pump: impl Fn(&'a TcpStream, &'a TcpStream, Dir, &'a Progress) -> F,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    progress: &'a Progress,
     idle: Option<Duration>,
     cancel: &CancellationToken,
-) -> (End, Option<String>) {
-    let up = std::pin::pin!(splice::pump(client, upstream, Dir::Up, progress));
-    let down = std::pin::pin!(splice::pump(upstream, client, Dir::Down, progress));
-    drive(up, down, progress, idle, cancel).await
-}
-
-/// The copy data path over both directions.
-async fn copy_both(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    progress: &Progress,
-    idle: Option<Duration>,
-    cancel: &CancellationToken,
-) -> (End, Option<String>) {
-    let up = std::pin::pin!(copy::pump(client, upstream, Dir::Up, progress));
-    let down = std::pin::pin!(copy::pump(upstream, client, Dir::Down, progress));
+) -> (End, Option<String>)
+where
+    F: Future<Output = Result<(), PumpError>>,
+{
+    let up = std::pin::pin!(pump(client, upstream, Dir::Up, progress));
+    let down = std::pin::pin!(pump(upstream, client, Dir::Down, progress));
     drive(up, down, progress, idle, cancel).await
 }
 
@@ -364,9 +382,7 @@ async fn expires(timer: &mut Option<Pin<Box<impl Future<Output = ()>>>>) {
     }
 }
 
-/// Runs both directions until both are done or something ends the tunnel. The directions are
-/// pinned by the caller: futures passed by value would be stored twice in this one's state (as
-/// arguments and as pinned locals), 688 bytes more for every splice tunnel.
+/// Runs both directions until both are done or something ends the tunnel.
 async fn drive(
     mut up: Pin<&mut impl Future<Output = Result<(), PumpError>>>,
     mut down: Pin<&mut impl Future<Output = Result<(), PumpError>>>,
@@ -410,13 +426,13 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let b = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (progress, cancel) = (Progress::new(), CancellationToken::new());
-        let splice = splice_both(&a, &b, &progress, None, &cancel);
+        let splice = both(splice::pump, &a, &b, &progress, None, &cancel);
         assert!(
             std::mem::size_of_val(&splice) <= 1024,
             "splice: {}",
             std::mem::size_of_val(&splice)
         );
-        let copy = copy_both(&a, &b, &progress, None, &cancel);
+        let copy = both(copy::pump, &a, &b, &progress, None, &cancel);
         assert!(
             std::mem::size_of_val(&copy) <= 1024,
             "copy: {}",
