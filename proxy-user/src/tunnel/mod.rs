@@ -240,19 +240,20 @@ pub async fn forward(
     cancel: CancellationToken,
 ) -> Outcome {
     let progress = Progress::new();
+    // The copy path: copy mode, and sockmap tunnels the kernel cannot take.
+    let copy_both = || {
+        Box::pin(both(
+            copy::pump,
+            &client,
+            &upstream,
+            &progress,
+            idle,
+            &cancel,
+        ))
+    };
     let (end, error) = match (mode, handoff.0) {
         // Sockmap with a socket half-closed before the handoff: see DataPath::register.
-        (Mode::Copy, _) | (Mode::Sockmap, None) => {
-            Box::pin(both(
-                copy::pump,
-                &client,
-                &upstream,
-                &progress,
-                idle,
-                &cancel,
-            ))
-            .await
-        }
+        (Mode::Copy, _) | (Mode::Sockmap, None) => copy_both().await,
         (Mode::Splice, _) => {
             Box::pin(both(
                 splice::pump,
@@ -278,15 +279,7 @@ pub async fn forward(
                     (r, Some(to_std(client, upstream)))
                 }
                 Ok(sockmap::Armed::Userspace) => {
-                    let r = Box::pin(both(
-                        copy::pump,
-                        &client,
-                        &upstream,
-                        &progress,
-                        idle,
-                        &cancel,
-                    ))
-                    .await;
+                    let r = copy_both().await;
                     (r, Some(to_std(client, upstream)))
                 }
                 Err(e) => (
@@ -426,17 +419,9 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let b = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (progress, cancel) = (Progress::new(), CancellationToken::new());
-        let splice = both(splice::pump, &a, &b, &progress, None, &cancel);
-        assert!(
-            std::mem::size_of_val(&splice) <= 1024,
-            "splice: {}",
-            std::mem::size_of_val(&splice)
-        );
-        let copy = both(copy::pump, &a, &b, &progress, None, &cancel);
-        assert!(
-            std::mem::size_of_val(&copy) <= 1024,
-            "copy: {}",
-            std::mem::size_of_val(&copy)
-        );
+        let splice = std::mem::size_of_val(&both(splice::pump, &a, &b, &progress, None, &cancel));
+        assert!(splice <= 1024, "splice: {splice} bytes");
+        let copy = std::mem::size_of_val(&both(copy::pump, &a, &b, &progress, None, &cancel));
+        assert!(copy <= 1024, "copy: {copy} bytes");
     }
 }

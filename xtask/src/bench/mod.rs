@@ -146,6 +146,18 @@ impl Opts {
 /// One measurement: metric name → value.
 pub type Sample = BTreeMap<&'static str, f64>;
 
+/// The median of a non-empty set of figures (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// What `run` measured, by (scenario, target).
 pub struct Outcome {
     pub samples: BTreeMap<(String, String), Vec<Sample>>,

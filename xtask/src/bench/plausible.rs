@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::Sample;
+use super::{Sample, median};
 
 /// How far a proxied median may exceed direct's best round of the same run, at least: round-to-
 /// round noise on this 2-vCPU machine is up to ±25 % (stream1 direct 13.7–17.0 Gbit/s in one
@@ -96,17 +96,6 @@ pub fn implausible(samples: &BTreeMap<(String, String), Vec<Sample>>, bound: Bou
         }
     }
     found
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 #[cfg(test)]

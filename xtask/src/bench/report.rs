@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use super::plausible::{self, Bound};
-use super::{Opts, Outcome, Sample, readerbound, targets, wan};
+use super::{Opts, Outcome, Sample, median, readerbound, targets, wan};
 
 /// median, min, max
 #[derive(Clone, Copy)]
@@ -16,18 +16,10 @@ pub struct Stat {
 }
 
 fn stat(values: &[f64]) -> Stat {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
     Stat {
-        median,
-        min: v[0],
-        max: v[n - 1],
+        median: median(values),
+        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     }
 }
 

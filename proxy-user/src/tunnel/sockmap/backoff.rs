@@ -1,7 +1,7 @@
 //! How long a direction stays spliced at least, per direction and learnt from its round trips.
 //!
 //! A direction leaves the kernel path when the bytes queued towards its peer pass the soft
-//! threshold, and returns once its reader has kept up for [`SPLICE_QUIET`]. When it overruns
+//! threshold, and returns once its reader has kept up for `SPLICE_QUIET` (50 ms). When it overruns
 //! again soon after returning, the round trip bought little: each costs two walks of the iterator
 //! and a drain of the redirect worker's queue. A sender on the same host that outruns the
 //! kernel's redirect worker while the reader keeps up (docs/kernel-notes.md, "The redirect worker
