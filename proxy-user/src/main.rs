@@ -152,7 +152,7 @@ async fn serve(
     auth: Arc<Authenticator>,
     selection: tunnel::Selection,
 ) -> anyhow::Result<()> {
-    let listeners = server::bind(&cfg.listen).await?;
+    let listeners = server::bind(&cfg.listen, cfg.tcp_keepalive).await?;
     let metrics_listener = match cfg.metrics_listen {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,

@@ -105,7 +105,6 @@ impl Proxy {
         let accepted = Instant::now();
         let mode = self.datapath.mode();
         let mut record = Record::new(peer, mode);
-        let _ = client.set_nodelay(true);
         // Admit: a source not in --allow-src (403) or a connection over a
         // limit (503) is answered and closed at once, without reading the head.
         let mut admission = match self.limits.admit(peer.ip()) {
@@ -120,8 +119,6 @@ impl Proxy {
                 return;
             }
         };
-        // Not before admission: a flood refused at once costs no more system calls.
-        self.set_keepalive(&client, "client");
         match self
             .handshake(&mut client, &mut record, &mut admission)
             .await
@@ -259,8 +256,9 @@ impl Proxy {
         })
     }
 
-    /// Keepalive finds a peer that vanished from a quiet tunnel. A socket that refuses the
-    /// option still carries its tunnel: that is logged, not refused.
+    /// Keepalive finds a peer that vanished from a quiet tunnel (client sockets inherit it from
+    /// the listener, see [`bind`]). A socket that refuses the option still carries its tunnel:
+    /// that is logged, not refused.
     fn set_keepalive(&self, sock: &TcpStream, side: &str) {
         if let Some(ka) = &self.keepalive {
             if let Err(error) = ka.apply(sock) {
@@ -325,7 +323,14 @@ fn refuse_at_once(client: TcpStream, refusal: &Refusal) {
 }
 
 /// Binds every listen address; an error names the address.
-pub async fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+///
+/// `TCP_NODELAY` and the keepalive options are set on the listening sockets: Linux copies them
+/// into every socket it accepts (and starts the keepalive timer there), so a client socket costs
+/// no system call for them.
+pub async fn bind(
+    addrs: &[SocketAddr],
+    keepalive: Option<Keepalive>,
+) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     for addr in addrs {
         let sock = match addr {
@@ -333,6 +338,11 @@ pub async fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
         };
         sock.set_reuseaddr(true)?;
+        sock.set_nodelay(true)?;
+        if let Some(ka) = keepalive {
+            ka.apply(&sock)
+                .map_err(|e| anyhow::anyhow!("--listen {addr}: setting TCP keepalive: {e}"))?;
+        }
         sock.bind(*addr)
             .map_err(|e| anyhow::anyhow!("--listen {addr}: {e}"))?;
         out.push(sock.listen(1024)?);
@@ -447,7 +457,9 @@ mod tests {
 
     async fn start(resolver: StaticResolver) -> (SocketAddr, CancellationToken) {
         let proxy = test_proxy(resolver);
-        let listeners = bind(&["127.0.0.1:0".parse().unwrap()]).await.unwrap();
+        let listeners = bind(&["127.0.0.1:0".parse().unwrap()], Some(Keepalive::DEFAULT))
+            .await
+            .unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(serve(
@@ -513,5 +525,30 @@ mod tests {
         let fut = proxy.serve_connection(c, peer);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 2560, "a connection's future is {size} bytes");
+    }
+
+    /// Client sockets get TCP_NODELAY and keepalive from the listener, with no system call of
+    /// their own (the handshake path used to make five per connection for them).
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let ka = Keepalive::parse("7s,3s,5").unwrap();
+        let listeners = bind(&["127.0.0.1:0".parse().unwrap()], ka).await.unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listeners[0].accept().await.unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.nodelay().unwrap(), "TCP_NODELAY");
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(sock.keepalive_retries().unwrap(), 5);
+
+        // --tcp-keepalive off: nothing is turned on.
+        let listeners = bind(&["127.0.0.1:0".parse().unwrap()], None).await.unwrap();
+        let _c = TcpStream::connect(listeners[0].local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listeners[0].accept().await.unwrap();
+        assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
     }
 }
