@@ -287,31 +287,24 @@ pub async fn forward(
                     Some(to_std(client, upstream)),
                 ),
             };
-            let (up, down) = reg.bytes();
-            let relays = reg.relays();
-            let (ku, kd) = reg.kernel_bytes();
-            let (su, sd) = reg.spliced_bytes();
-            let (detaches, rearms) = reg.transitions();
-            let relayed_bytes = reg.relayed_bytes();
-            progress.up.fetch_add(up, Ordering::Relaxed);
-            progress.down.fetch_add(down, Ordering::Relaxed);
+            let tally = reg.tally();
+            progress.up.fetch_add(tally.up, Ordering::Relaxed);
+            progress.down.fetch_add(tally.down, Ordering::Relaxed);
             if let Some(Some((c, u))) = &detached {
                 reset_if(result.0, c, u);
             }
-            // Leave the maps before the sockets close.
-            drop(reg);
-            drop(detached);
+            reg.close(detached.flatten());
             return Outcome {
                 bytes_up: progress.up.load(Ordering::Relaxed),
                 bytes_down: progress.down.load(Ordering::Relaxed),
                 end: result.0,
                 error: result.1,
-                relays,
-                kernel_bytes: ku + kd,
-                spliced_bytes: su + sd,
-                relayed_bytes,
-                detaches,
-                rearms,
+                relays: tally.relays,
+                kernel_bytes: tally.kernel,
+                spliced_bytes: tally.spliced,
+                relayed_bytes: tally.relayed,
+                detaches: tally.detaches,
+                rearms: tally.rearms,
             };
         }
     };

@@ -75,6 +75,15 @@ pub(super) fn queued_total(fd: RawFd) -> io::Result<u64> {
     Ok(acked_and_queued(fd)?.1)
 }
 
+/// [`queued_total`] of an ESTABLISHED socket, from the same `TCP_INFO` read that saw the state;
+/// `None` for any other state (or a socket `TCP_INFO` fails on).
+pub(super) fn queued_total_if_established(fd: RawFd) -> io::Result<Option<u64>> {
+    match tcp_info(fd) {
+        Ok(i) if i.tcpi_state == TCP_ESTABLISHED => Ok(Some(i.tcpi_bytes_acked + outq(fd)?)),
+        _ => Ok(None),
+    }
+}
+
 /// The receive buffer as the kernel counts it (`sk_rcvbuf`, which doubles what is asked for:
 /// room for its own overhead, hence the half). `SO_RCVBUFFORCE` (CAP_NET_ADMIN) may exceed
 /// `rmem_max`; without it, `SO_RCVBUF` up to that.
@@ -181,18 +190,29 @@ pub(super) fn epoll_set(members: &[(RawFd, libc::c_int, u64)]) -> io::Result<Asy
     // SAFETY: raw is a new, open fd owned by nobody else.
     let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
     for &(fd, events, token) in members {
-        let mut ev = libc::epoll_event {
-            events: (events | libc::EPOLLET) as u32,
-            u64: token,
-        };
-        // SAFETY: both fds are open; ev is a valid epoll_event.
-        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        epoll_add(epoll.as_raw_fd(), fd, events, token)?;
     }
     // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd owns it.
     unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Adds `fd` to the epoll set `epoll`, edge-triggered, for `events`, reported with `token`.
+pub(super) fn epoll_add(
+    epoll: RawFd,
+    fd: RawFd,
+    events: libc::c_int,
+    token: u64,
+) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: (events | libc::EPOLLET) as u32,
+        u64: token,
+    };
+    // SAFETY: both fds are open; ev is a valid epoll_event.
+    if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Waits until the set has events and returns how many it put into `events` (at least one).

@@ -11,7 +11,7 @@ use super::{Armed, Registration, Sockmap};
 use crate::ebpf::Counts;
 use crate::tunnel::holds::Backlog;
 use crate::tunnel::pump::Progress;
-use crate::tunnel::sys::{self, established, queued_total, set_rcvlowat};
+use crate::tunnel::sys::{self, established, queued_total_if_established, set_rcvlowat};
 
 impl Sockmap {
     /// Step 1 of the handoff: makes each socket the other's redirect target.
@@ -50,23 +50,17 @@ impl Sockmap {
             spliced: Progress::new(),
             detaches: AtomicU64::new(0),
             rearms: AtomicU64::new(0),
+            sockets_closed: false,
         };
-        {
-            let mut bytes = self.bytes.lock().expect("bytes map lock");
-            for c in [reg.client, reg.upstream] {
-                bytes
-                    .insert(c, Counts::default(), 0)
-                    .map_err(io::Error::other)?;
-            }
-        }
-        let mut peers = self.peers.lock().expect("peers map lock");
-        peers
-            .insert(reg.client, upstream.as_raw_fd(), 0)
-            .map_err(io::Error::other)?;
+        // Created here rather than by the program's first segment, so that a full map refuses
+        // the tunnel instead of leaving a direction uncounted (the FIN waits on the counts).
+        self.bytes
+            .update_all(&[reg.client, reg.upstream], &[Counts::default(); 2])?;
         reg.in_peers = true;
-        peers
-            .insert(reg.upstream, client.as_raw_fd(), 0)
-            .map_err(io::Error::other)?;
+        self.peers
+            .update(&reg.client, &(upstream.as_raw_fd() as u32))?;
+        self.peers
+            .update(&reg.upstream, &(client.as_raw_fd() as u32))?;
         Ok(reg)
     }
 }
@@ -76,12 +70,14 @@ impl Registration<'_> {
     /// no longer ESTABLISHED (its remote already sent FIN) cannot join a
     /// sockmap: then the tunnel is left to userspace ([`Armed::Userspace`]).
     pub async fn arm(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<Armed> {
-        if !established(client.as_raw_fd()) || !established(upstream.as_raw_fd()) {
-            return Ok(Armed::Userspace);
-        }
         // Nothing is armed yet, so these totals only hold what userspace wrote.
-        self.base_client = queued_total(client.as_raw_fd())?;
-        self.base_upstream = queued_total(upstream.as_raw_fd())?;
+        let (Some(base_client), Some(base_upstream)) = (
+            queued_total_if_established(client.as_raw_fd())?,
+            queued_total_if_established(upstream.as_raw_fd())?,
+        ) else {
+            return Ok(Armed::Userspace);
+        };
+        (self.base_client, self.base_upstream) = (base_client, base_upstream);
         self.bound(client, upstream)?;
         self.armed = true;
         // Each socket is armed unless its remote sent FIN since the check;
@@ -104,20 +100,16 @@ impl Registration<'_> {
         for s in [client, upstream] {
             set_buffers(s.as_raw_fd(), backlog)?;
         }
-        {
-            let mut limits = self.sockmap.limits.lock().expect("limits map lock");
-            let mut moved = self.sockmap.moved.lock().expect("moved map lock");
-            self.bounded = true;
-            for (src, dst_base) in [
-                (self.client, self.base_upstream),
-                (self.upstream, self.base_client),
-            ] {
-                moved.insert(src, 0, 0).map_err(io::Error::other)?;
-                limits
-                    .insert(src, backlog.limit(dst_base, false), 0)
-                    .map_err(io::Error::other)?;
-            }
-        }
+        let both = [self.client, self.upstream];
+        self.bounded = true;
+        self.sockmap.moved.update_all(&both, &[0, 0])?;
+        self.sockmap.limits.update_all(
+            &both,
+            &[
+                backlog.limit(self.base_upstream, false),
+                backlog.limit(self.base_client, false),
+            ],
+        )?;
         self.up_holds = Some(self.sockmap.waiters.watch(self.client));
         self.down_holds = Some(self.sockmap.waiters.watch(self.upstream));
         Ok(())
@@ -134,12 +126,7 @@ impl Registration<'_> {
     /// Starts the verdict program on one socket and runs what it queued so
     /// far through it (SO_RCVLOWAT makes TCP call data_ready).
     pub(super) fn arm_socket(&self, cookie: u64, fd: RawFd) -> io::Result<()> {
-        self.sockmap
-            .armed
-            .lock()
-            .expect("armed map lock")
-            .insert(cookie, fd, 0)
-            .map_err(io::Error::other)?;
+        self.sockmap.armed.update(&cookie, &(fd as u32))?;
         set_rcvlowat(fd, 1)
     }
 }

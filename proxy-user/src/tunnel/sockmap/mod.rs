@@ -17,9 +17,11 @@
 //! so the FIN can never overtake data still in the kernel's redirect worker.
 //!
 //! The files of this folder (each child imports from `mod.rs`; `watch.rs` also from
-//! `directions.rs`; nothing imports `watch.rs`):
+//! `directions.rs` and `closes.rs`; nothing imports `watch.rs`):
 //! - `mod.rs`: the loaded program and its maps ([`Sockmap`]), and a tunnel's place in them
 //!   ([`Registration`], removed from every map on drop) with its byte counts by path;
+//! - `maps.rs`: the per-tunnel map operations, as `bpf()` calls that need no lock;
+//! - `closes.rs`: the one epoll set that hears FIN and errors of every fully armed tunnel;
 //! - `handoff.rs`: steps 1 and 3 of the handoff (register, then arm);
 //! - `directions.rs`: each direction's held bytes, and a reader-bound direction leaving the
 //!   kernel path for splice(2) and coming back to it;
@@ -27,18 +29,23 @@
 //!   directions, pumps, the idle clock, shutdown).
 
 mod backoff;
+mod closes;
 mod directions;
 mod handoff;
+mod maps;
 mod watch;
 
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, RingBuf, SockHash};
+use aya::maps::{Array, HashMap, RingBuf, SockHash};
 use tokio::sync::Notify;
+
+use closes::SharedCloses;
+use maps::RawMap;
 
 use super::detach::{Detacher, Walker};
 use super::holds::{Backlog, Counters, HoldWaiters, Overrun};
@@ -52,15 +59,20 @@ use crate::ebpf::{
 pub struct Sockmap {
     // Keeps the program and its attachment alive.
     _ebpf: Ebpf,
-    peers: Mutex<SockHash<MapData, u64>>,
-    armed: Mutex<SockHash<MapData, u64>>,
-    bytes: Mutex<HashMap<MapData, u64, Counts>>,
-    limits: Mutex<HashMap<MapData, u64, Limit>>,
-    moved: Mutex<HashMap<MapData, u64, u64>>,
+    /// Socket cookie -> its peer (the value written is the peer's fd).
+    peers: RawMap<u64, u32>,
+    /// Socket cookie -> the socket itself: the verdict program runs on these.
+    armed: RawMap<u64, u32>,
+    bytes: RawMap<u64, Counts>,
+    limits: RawMap<u64, Limit>,
+    moved: RawMap<u64, u64>,
     /// The program's global counters; shared with the `/metrics` collector.
     stats: Arc<KernelStats>,
     waiters: Arc<HoldWaiters>,
     dispatcher: tokio::task::JoinHandle<()>,
+    /// FIN and errors of every fully armed tunnel, and the task that hands them out.
+    closes: Arc<SharedCloses>,
+    closes_task: tokio::task::JoinHandle<()>,
     /// Forwards the program's aya-log records into the proxy's log.
     logs: Option<tokio::task::JoinHandle<()>>,
     backlog: Backlog,
@@ -74,6 +86,7 @@ pub struct Sockmap {
 impl Drop for Sockmap {
     fn drop(&mut self) {
         self.dispatcher.abort();
+        self.closes_task.abort();
         if let Some(t) = &self.detach_task {
             t.abort();
         }
@@ -85,36 +98,25 @@ impl Drop for Sockmap {
 
 impl Counters for Sockmap {
     fn counts(&self, src_cookie: u64) -> (u64, u64) {
-        let c = self
-            .bytes
-            .lock()
-            .expect("bytes map lock")
-            .get(&src_cookie, 0)
-            .unwrap_or_default();
-        (c.redirected, c.held)
+        let c = self.bytes.lookup(&src_cookie).ok().flatten();
+        c.map_or((0, 0), |c| (c.redirected, c.held))
     }
 
     fn set_moved(&self, src_cookie: u64, moved: u64) -> io::Result<()> {
-        self.moved
-            .lock()
-            .expect("moved map lock")
-            .insert(src_cookie, moved, 0)
-            .map_err(io::Error::other)
+        self.moved.update(&src_cookie, &moved)
     }
 
     fn set_limit(&self, src_cookie: u64, limit: Limit) -> io::Result<()> {
-        self.limits
-            .lock()
-            .expect("limits map lock")
-            .insert(src_cookie, limit, 0)
-            .map_err(io::Error::other)
+        self.limits.update(&src_cookie, &limit)
     }
 
     fn reset_seq(&self, src_cookie: u64) -> io::Result<()> {
-        let mut bytes = self.bytes.lock().expect("bytes map lock");
-        let mut c = bytes.get(&src_cookie, 0).map_err(io::Error::other)?;
+        let Some(mut c) = self.bytes.lookup(&src_cookie)? else {
+            // Not created yet: the program starts it with next_seq 0.
+            return Ok(());
+        };
         c.next_seq = 0;
-        bytes.insert(src_cookie, c, 0).map_err(io::Error::other)
+        self.bytes.update(&src_cookie, &c)
     }
 }
 
@@ -131,22 +133,31 @@ impl Sockmap {
             ebpf.take_map(name)
                 .ok_or(EbpfError::Missing { kind: "map", name })
         };
-        let peers =
-            SockHash::try_from(take(&mut ebpf, PEERS_MAP)?).map_err(|e| map_err(PEERS_MAP, e))?;
-        let armed =
-            SockHash::try_from(take(&mut ebpf, ARMED_MAP)?).map_err(|e| map_err(ARMED_MAP, e))?;
-        let bytes =
-            HashMap::try_from(take(&mut ebpf, BYTES_MAP)?).map_err(|e| map_err(BYTES_MAP, e))?;
-        let limits =
-            HashMap::try_from(take(&mut ebpf, LIMITS_MAP)?).map_err(|e| map_err(LIMITS_MAP, e))?;
-        let moved =
-            HashMap::try_from(take(&mut ebpf, MOVED_MAP)?).map_err(|e| map_err(MOVED_MAP, e))?;
+        fn raw<K: aya::Pod, V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<RawMap<K, V>, EbpfError> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(EbpfError::Missing { kind: "map", name })?;
+            RawMap::new(map).map_err(|e| map_err(name, e))
+        }
+        let peers = raw(&mut ebpf, PEERS_MAP)?;
+        let armed_map = take(&mut ebpf, ARMED_MAP)?;
+        let bytes = raw(&mut ebpf, BYTES_MAP)?;
+        let limits = raw(&mut ebpf, LIMITS_MAP)?;
+        let moved = raw(&mut ebpf, MOVED_MAP)?;
         let ring =
             RingBuf::try_from(take(&mut ebpf, HOLDS_MAP)?).map_err(|e| map_err(HOLDS_MAP, e))?;
         let stats = Arc::new(KernelStats::take(&mut ebpf)?);
-        ebpf::verdict_program(&mut ebpf)?
-            .attach(armed.fd())
-            .map_err(|e| map_err("attaching the stream verdict program", e))?;
+        {
+            let armed =
+                SockHash::<_, u64>::try_from(&armed_map).map_err(|e| map_err(ARMED_MAP, e))?;
+            ebpf::verdict_program(&mut ebpf)?
+                .attach(armed.fd())
+                .map_err(|e| map_err("attaching the stream verdict program", e))?;
+        }
+        let armed = RawMap::new(armed_map).map_err(|e| map_err(ARMED_MAP, e))?;
         let logs = match ebpf::forward_logs(&mut ebpf) {
             Ok(task) => Some(task),
             Err(e) => {
@@ -174,13 +185,25 @@ impl Sockmap {
                 }
             }
         });
+        let closes = SharedCloses::new()
+            .map_err(|e| EbpfError::Other(format!("creating the epoll set for FIN: {e}")))?;
+        let closes_task = tokio::spawn({
+            let closes = closes.clone();
+            async move {
+                if let Err(e) = closes.dispatch().await {
+                    tracing::error!("sockmap: reading the epoll set for FIN failed: {e}");
+                }
+            }
+        });
         Ok(Sockmap {
             _ebpf: ebpf,
-            peers: Mutex::new(peers),
-            armed: Mutex::new(armed),
-            bytes: Mutex::new(bytes),
-            limits: Mutex::new(limits),
-            moved: Mutex::new(moved),
+            closes,
+            closes_task,
+            peers,
+            armed,
+            bytes,
+            limits,
+            moved,
             stats,
             waiters,
             dispatcher,
@@ -233,7 +256,7 @@ impl Sockmap {
 
     /// Entries in the `PEERS` map (two per open tunnel).
     pub fn peer_entries(&self) -> usize {
-        self.peers.lock().expect("peers map lock").keys().count()
+        self.peers.len()
     }
 }
 
@@ -300,6 +323,9 @@ pub struct Registration<'a> {
     /// Times a direction left the kernel path for splice, and came back to it.
     detaches: AtomicU64,
     rearms: AtomicU64,
+    /// The tunnel's sockets are closed ([`Registration::close`]): the kernel took them out of
+    /// `PEERS` and `ARMED` as they closed.
+    sockets_closed: bool,
 }
 
 impl Registration<'_> {
@@ -367,31 +393,71 @@ impl Registration<'_> {
     }
 }
 
+impl Registration<'_> {
+    /// The tunnel's counts by path, read once at its end.
+    pub fn tally(&self) -> Tally {
+        let (ku, kd) = self.kernel_bytes();
+        let (su, sd) = self.spliced_bytes();
+        let (detaches, rearms) = self.transitions();
+        Tally {
+            up: self.forwarded_early + ku + self.userspace.up.load(Ordering::Relaxed) + su,
+            down: kd + self.userspace.down.load(Ordering::Relaxed) + sd,
+            kernel: ku + kd,
+            spliced: su + sd,
+            relayed: self.relayed_bytes(),
+            relays: self.relays(),
+            detaches,
+            rearms,
+        }
+    }
+
+    /// Ends the tunnel: closes its sockets, then leaves the maps. Closing a socket takes it
+    /// out of `PEERS` and `ARMED` in the kernel (`sock_map_close`), so those need no call of
+    /// their own, and no program can run for its cookie once the per-socket entries go.
+    pub fn close<S>(mut self, sockets: Option<(S, S)>) {
+        if let Some(sockets) = sockets {
+            drop(sockets);
+            self.sockets_closed = true;
+        }
+    }
+}
+
+/// A tunnel's bytes by path, for its access-log line and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Bytes forwarded client → upstream and upstream → client, however they went.
+    pub up: u64,
+    pub down: u64,
+    /// Of those, bytes the program redirected, spliced, and copied by userspace.
+    pub kernel: u64,
+    pub spliced: u64,
+    pub relayed: u64,
+    /// Times a direction started relaying, left the kernel path for splice, and came back.
+    pub relays: u64,
+    pub detaches: u64,
+    pub rearms: u64,
+}
+
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        // Leave ARMED first (no program runs any more), then the rest.
-        if self.armed {
-            let mut armed = self.sockmap.armed.lock().expect("armed map lock");
-            let _ = armed.remove(&self.client);
-            let _ = armed.remove(&self.upstream);
-        }
-        if self.in_peers {
-            let mut peers = self.sockmap.peers.lock().expect("peers map lock");
-            let _ = peers.remove(&self.client);
-            let _ = peers.remove(&self.upstream);
+        let both = [self.client, self.upstream];
+        if !self.sockets_closed {
+            // Leave ARMED first (no program runs any more), then PEERS.
+            if self.armed {
+                let _ = self.sockmap.armed.delete_all(&both);
+            }
+            if self.in_peers {
+                let _ = self.sockmap.peers.delete_all(&both);
+            }
         }
         if self.bounded {
-            let mut limits = self.sockmap.limits.lock().expect("limits map lock");
-            let mut moved = self.sockmap.moved.lock().expect("moved map lock");
-            for c in [self.client, self.upstream] {
-                let _ = limits.remove(&c);
-                let _ = moved.remove(&c);
+            let _ = self.sockmap.limits.delete_all(&both);
+            let _ = self.sockmap.moved.delete_all(&both);
+            for c in both {
                 self.sockmap.waiters.forget(c);
             }
         }
-        let mut bytes = self.sockmap.bytes.lock().expect("bytes map lock");
-        let _ = bytes.remove(&self.client);
-        let _ = bytes.remove(&self.upstream);
+        let _ = self.sockmap.bytes.delete_all(&both);
     }
 }
 

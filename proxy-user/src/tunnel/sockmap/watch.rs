@@ -1,19 +1,21 @@
-//! The one watch loop of an armed tunnel: FIN and errors (from tokio's reactor, or from a
-//! private epoll set once both sockets are armed), hold wake-ups, spliced directions, the pumps
-//! of sockets that could not be armed, the idle clock and shutdown.
+//! The one watch loop of an armed tunnel: FIN and errors (from tokio's reactor, or from the
+//! epoll set of `closes.rs` once both sockets are armed), hold wake-ups, spliced directions, the
+//! pumps of sockets that could not be armed, the idle clock and shutdown.
 
 use std::future::Future;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+#[cfg(test)]
+use super::closes::SharedCloses;
+use super::closes::{CloseWatch, Side};
 use super::directions::{HOLD_TICK, held, spliced_run};
 use super::{Dir, Registration};
 use crate::tunnel::end::End;
@@ -76,7 +78,8 @@ impl Registration<'_> {
             }
         };
         let (mut up_done, mut down_done) = (false, false);
-        let mut clock = IdleClock::new(idle, self.bytes());
+        // The counters are only read when there is an idle timeout to keep.
+        let mut clock = IdleClock::new(idle, idle.map_or((0, 0), |_| self.bytes()));
         let (client_fd, upstream_fd) = (client.as_fd().as_raw_fd(), upstream.as_fd().as_raw_fd());
         let mut movers = self.movers(client_fd, upstream_fd);
         while !(up_done && down_done) {
@@ -215,9 +218,9 @@ impl Registration<'_> {
     /// reactor: with the program attached, the kernel still wakes a socket's
     /// epoll waiters after every batch it redirects, so a socket registered
     /// for readability costs the proxy a wake-up per batch (0.49 s of proxy
-    /// CPU for 2 GiB, measured). A private epoll set that asks only for
-    /// EPOLLRDHUP (and the implied EPOLLERR/EPOLLHUP) is woken for FIN and
-    /// errors alone. Returns the sockets so they close after the maps are left.
+    /// CPU for 2 GiB, measured). The shared set of `closes.rs` asks only for
+    /// EPOLLRDHUP (and the implied EPOLLERR/EPOLLHUP), so it is woken for FIN
+    /// and errors alone. Returns the sockets, for the caller to close.
     pub async fn run_detached(
         &self,
         client: TcpStream,
@@ -234,9 +237,9 @@ impl Registration<'_> {
                 );
             }
         };
-        let result = match CloseWatch::new(&client, &upstream) {
+        let result = match self.sockmap.closes.watch(&client, &upstream) {
             Ok(watch) => {
-                let closes = Closes::Private(watch);
+                let closes = Closes::Shared(watch);
                 self.watch(&client, &upstream, &closes, [None, None], idle, cancel)
                     .await
             }
@@ -280,9 +283,9 @@ enum Closes<'s> {
         client: &'s TcpStream,
         upstream: &'s TcpStream,
     },
-    /// A fully armed tunnel: a private epoll set that only FIN and errors wake (see
-    /// [`Registration::run_detached`]).
-    Private(CloseWatch),
+    /// A fully armed tunnel: the shared epoll set that only FIN and errors wake (see
+    /// `closes.rs`).
+    Shared(CloseWatch),
 }
 
 impl Closes<'_> {
@@ -296,9 +299,9 @@ impl Closes<'_> {
                     c = watch_reactor(upstream, wants[1]) => Ok(vec![(Side::Upstream, c)]),
                 }
             }
-            Closes::Private(watch) => loop {
+            Closes::Shared(watch) => loop {
                 let mut closes = Vec::new();
-                for (side, mask) in watch.next().await? {
+                for (side, mask) in watch.next().await {
                     if let Ok(Some(e)) = sys::take_error(watch.fd(side)) {
                         closes.push((side, Close::Reset(e)));
                     } else if mask & libc::EPOLLERR as u32 != 0 {
@@ -406,63 +409,6 @@ impl IdleClock {
     }
 }
 
-/// Which socket of a tunnel an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Client,
-    Upstream,
-}
-
-/// A private epoll set holding a tunnel's two sockets with EPOLLRDHUP only,
-/// itself watched by tokio.
-struct CloseWatch {
-    epoll: AsyncFd<OwnedFd>,
-    /// The two sockets, open for as long as the watch (the tunnel owns them).
-    fds: [RawFd; 2],
-}
-
-impl CloseWatch {
-    fn new(client: &impl AsFd, upstream: &impl AsFd) -> io::Result<CloseWatch> {
-        let epoll = sys::epoll_set(&[
-            (
-                client.as_fd().as_raw_fd(),
-                libc::EPOLLRDHUP,
-                Side::Client as u64,
-            ),
-            (
-                upstream.as_fd().as_raw_fd(),
-                libc::EPOLLRDHUP,
-                Side::Upstream as u64,
-            ),
-        ])?;
-        Ok(CloseWatch {
-            epoll,
-            fds: [client.as_fd().as_raw_fd(), upstream.as_fd().as_raw_fd()],
-        })
-    }
-
-    fn fd(&self, side: Side) -> RawFd {
-        self.fds[side as usize]
-    }
-
-    /// Waits for events and returns them: (which socket, epoll mask).
-    async fn next(&self) -> io::Result<Vec<(Side, u32)>> {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-        let n = sys::epoll_next(&self.epoll, &mut events).await?;
-        Ok(events[..n]
-            .iter()
-            .map(|ev| {
-                let side = if { ev.u64 } == Side::Client as u64 {
-                    Side::Client
-                } else {
-                    Side::Upstream
-                };
-                (side, ev.events)
-            })
-            .collect())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -484,10 +430,25 @@ mod tests {
     const QUIET: Duration = Duration::from_millis(200);
 
     #[tokio::test]
-    async fn the_private_watch_wakes_for_fin_and_reset_and_never_for_data() {
+    async fn the_shared_watch_wakes_for_fin_and_reset_and_never_for_data() {
+        let shared = SharedCloses::new().unwrap();
+        tokio::spawn(shared.clone().dispatch());
         let [(client, mut client_remote), (upstream, upstream_remote)] = pairs();
-        let closes = Closes::Private(CloseWatch::new(&client, &upstream).unwrap());
+        let closes = Closes::Shared(shared.watch(&client, &upstream).unwrap());
+        // Another tunnel in the same set: its events are its own.
+        let [(other, other_remote), (other_up, _other_up_remote)] = pairs();
+        let others = Closes::Shared(shared.watch(&other, &other_up).unwrap());
         let both = [Want::Fin, Want::Fin];
+
+        other_remote.shutdown(Shutdown::Write).unwrap();
+        let events = tokio::time::timeout(QUIET, others.next(both))
+            .await
+            .expect("the other tunnel's FIN wakes it")
+            .unwrap();
+        assert!(
+            matches!(events[..], [(Side::Client, Close::Fin)]),
+            "{events:?}"
+        );
 
         client_remote.write_all(&[7u8; 4096]).unwrap();
         let woke = tokio::time::timeout(QUIET, closes.next(both)).await;
