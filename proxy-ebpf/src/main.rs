@@ -40,6 +40,10 @@ static BYTES: HashMap<u64, Counts> = HashMap::with_max_entries(DEFAULT_MAX_SOCKE
 #[map]
 static LIMITS: HashMap<u64, Limit> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
+/// The bound of a direction without a `LIMITS` entry. See `proxy_ebpf::DEFAULT_LIMIT_MAP`.
+#[map]
+static DEFAULT_LIMIT: Array<Limit> = Array::with_max_entries(1, 0);
+
 /// Source socket cookie -> bytes userspace moved. See `proxy_ebpf::MOVED_MAP`.
 #[map]
 static MOVED: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
@@ -306,7 +310,7 @@ enum Bound {
 fn must_hold(cookie: u64, counts: &Counts, len: u64) -> Bound {
     let redirect = Bound::Redirect { past_soft: false };
     // SAFETY: plain map lookups; the values are POD written whole by userspace.
-    let Some(limit) = (unsafe { LIMITS.get(&cookie) }) else {
+    let Some(limit) = (unsafe { LIMITS.get(&cookie) }).or_else(|| DEFAULT_LIMIT.get(0)) else {
         return redirect;
     };
     let moved = unsafe { MOVED.get(&cookie) }.copied().unwrap_or(0);

@@ -40,6 +40,14 @@ pub const BYTES_MAP: &str = "BYTES";
 /// redirects again once it has caught up (see [`MOVED_MAP`]).
 pub const LIMITS_MAP: &str = "LIMITS";
 
+/// `Array<Limit>` of one entry: the bound of every direction without a [`LIMITS_MAP`] entry of
+/// its own, written by userspace at start with `base` 0. Most tunnels need no entry of their
+/// own (two map inserts and two deletes fewer per tunnel): userspace writes one only when a
+/// direction's `base` is more than a few KiB (bytes the client sent before the `200` and
+/// userspace forwarded) or when it changes the bound (a hold episode, a return to the kernel
+/// path).
+pub const DEFAULT_LIMIT_MAP: &str = "DEFAULT_LIMIT";
+
 /// `HashMap<u64, u64>`: socket cookie of the source socket -> bytes userspace has moved from it
 /// to the peer (held bytes it read and wrote). Written by userspace only. While
 /// `Counts::held != MOVED`, held bytes are still on their way and the program holds every new

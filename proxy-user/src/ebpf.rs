@@ -18,10 +18,11 @@ use aya::{
 mod shared;
 
 pub use shared::{
-    ARMED_MAP, BYTES_MAP, Counts, DEFAULT_MAX_SOCKETS, DETACH_BEHIND, DETACH_DONE, DETACH_MAP,
-    DETACH_NOT_ARMED, DETACH_PENDING, DETACH_PROGRAM_NAME, HOLDS_MAP, HOLDS_RING_BYTES, LIMITS_MAP,
-    Limit, MOVED_MAP, PEERS_MAP, PROGRAM_NAME, SKB_TCP_SEQ, STATS_INDEX, STATS_MAP, Stats,
-    TCP_SOCK_BYTES_ACKED, TCP_SOCK_COPIED_SEQ, WALK_DONE_BYTES, WALK_MAP,
+    ARMED_MAP, BYTES_MAP, Counts, DEFAULT_LIMIT_MAP, DEFAULT_MAX_SOCKETS, DETACH_BEHIND,
+    DETACH_DONE, DETACH_MAP, DETACH_NOT_ARMED, DETACH_PENDING, DETACH_PROGRAM_NAME, HOLDS_MAP,
+    HOLDS_RING_BYTES, LIMITS_MAP, Limit, MOVED_MAP, PEERS_MAP, PROGRAM_NAME, SKB_TCP_SEQ,
+    STATS_INDEX, STATS_MAP, Stats, TCP_SOCK_BYTES_ACKED, TCP_SOCK_COPIED_SEQ, WALK_DONE_BYTES,
+    WALK_MAP,
 };
 
 // SAFETY: `Stats` is `#[repr(C)]`, all `u64`, no padding, valid for any bit pattern.
@@ -92,7 +93,15 @@ pub fn load_with_capacity(max_sockets: u32) -> Result<Ebpf, EbpfError> {
         .map_err(classify_object_error)?;
 
     for name in [
-        PEERS_MAP, ARMED_MAP, BYTES_MAP, LIMITS_MAP, MOVED_MAP, HOLDS_MAP, STATS_MAP, DETACH_MAP,
+        PEERS_MAP,
+        ARMED_MAP,
+        BYTES_MAP,
+        LIMITS_MAP,
+        DEFAULT_LIMIT_MAP,
+        MOVED_MAP,
+        HOLDS_MAP,
+        STATS_MAP,
+        DETACH_MAP,
         WALK_MAP,
     ] {
         if ebpf.map(name).is_none() {

@@ -287,13 +287,12 @@ pub async fn forward(
                     Some(to_std(client, upstream)),
                 ),
             };
-            let tally = reg.tally();
-            progress.up.fetch_add(tally.up, Ordering::Relaxed);
-            progress.down.fetch_add(tally.down, Ordering::Relaxed);
             if let Some(Some((c, u))) = &detached {
                 reset_if(result.0, c, u);
             }
-            reg.close(detached.flatten());
+            let tally = reg.close(detached.flatten());
+            progress.up.fetch_add(tally.up, Ordering::Relaxed);
+            progress.down.fetch_add(tally.down, Ordering::Relaxed);
             return Outcome {
                 bytes_up: progress.up.load(Ordering::Relaxed),
                 bytes_down: progress.down.load(Ordering::Relaxed),

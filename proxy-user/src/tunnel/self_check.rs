@@ -173,7 +173,7 @@ async fn armed<'a>(
 
 async fn check(sm: &Sockmap) -> Result<(), String> {
     let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
-    let entries_before = sm.peer_entries();
+    let entries_before = sm.map_entries();
     let (mut client, proxy_client) = pair().await.map_err(io("loopback pair"))?;
     let (proxy_upstream, mut server) = pair().await.map_err(io("loopback pair"))?;
 
@@ -244,8 +244,12 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
         ));
     }
     drop(reg);
-    if sm.peer_entries() != entries_before {
-        return Err("map entries were left behind".into());
+    let entries = sm.map_entries();
+    if entries != entries_before {
+        return Err(format!(
+            "map entries were left behind (PEERS, ARMED, BYTES, LIMITS, MOVED: {entries_before:?} \
+             before, {entries:?} after)"
+        ));
     }
     Ok(())
 }

@@ -155,7 +155,7 @@ impl Registration<'_> {
         dir: Dir,
     ) -> Result<bool, (End, Option<String>)> {
         let (before, relays) = (mover.moved(), mover.relays());
-        let result = mover.step(self.sockmap, src, dst);
+        let result = mover.step(self, src, dst);
         let moved = (mover.moved() - before) as usize;
         if moved > 0 {
             self.userspace.add(dir.into(), moved);
@@ -199,7 +199,7 @@ impl Registration<'_> {
         let relay_instead = |movers: &mut Movers| {
             let r = movers
                 .mover(dir)
-                .relay_instead(self.sockmap, std::time::Instant::now());
+                .relay_instead(self, std::time::Instant::now());
             self.relays.fetch_add(1, Ordering::Relaxed);
             movers.set_moving(dir, true);
             r.map_err(|e| self.move_error(e, dir))
@@ -272,8 +272,8 @@ impl Registration<'_> {
         let (src, dst) = movers.fds(dir);
         let cookie = self.cookie(dir);
         let limit = movers.mover(dir).rearm(spliced);
-        self.sockmap.reset_seq(cookie)?;
-        self.sockmap.set_limit(cookie, limit)?;
+        self.reset_seq(cookie)?;
+        self.set_limit(cookie, limit)?;
         set_sndbuf(dst, self.sockmap.backlog.sndbuf())?;
         self.arm_socket(cookie, src)?;
         self.rearms.fetch_add(1, Ordering::Relaxed);

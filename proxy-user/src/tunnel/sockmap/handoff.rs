@@ -3,11 +3,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use tokio::net::TcpStream;
 
-use super::{Armed, Registration, Sockmap};
+use super::{Armed, DEFAULT_LIMIT_SLACK, Registration, Sockmap};
 use crate::ebpf::Counts;
 use crate::tunnel::holds::Backlog;
 use crate::tunnel::pump::Progress;
@@ -44,13 +44,14 @@ impl Sockmap {
             upstream_armed: false,
             userspace: Progress::new(),
             relays: AtomicU64::new(0),
-            bounded: false,
+            own_limits: AtomicBool::new(false),
             up_holds: None,
             down_holds: None,
             spliced: Progress::new(),
             detaches: AtomicU64::new(0),
             rearms: AtomicU64::new(0),
             sockets_closed: false,
+            bytes_taken: false,
         };
         // Created here rather than by the program's first segment, so that a full map refuses
         // the tunnel instead of leaving a direction uncounted (the FIN waits on the counts).
@@ -94,22 +95,23 @@ impl Registration<'_> {
     }
 
     /// Sets the backlog bound of both directions before either socket is armed: socket
-    /// buffers, the program's LIMITS and MOVED entries, and the hold wake-ups.
+    /// buffers, the program's LIMITS entries where the default one will not do, and the hold
+    /// wake-ups. (A missing MOVED entry counts as 0.)
     fn bound(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
         let backlog = self.sockmap.backlog;
         for s in [client, upstream] {
             set_buffers(s.as_raw_fd(), backlog)?;
         }
-        let both = [self.client, self.upstream];
-        self.bounded = true;
-        self.sockmap.moved.update_all(&both, &[0, 0])?;
-        self.sockmap.limits.update_all(
-            &both,
-            &[
-                backlog.limit(self.base_upstream, false),
-                backlog.limit(self.base_client, false),
-            ],
-        )?;
+        if self.base_upstream > DEFAULT_LIMIT_SLACK || self.base_client > DEFAULT_LIMIT_SLACK {
+            *self.own_limits.get_mut() = true;
+            self.sockmap.limits.update_all(
+                &[self.client, self.upstream],
+                &[
+                    backlog.limit(self.base_upstream, false),
+                    backlog.limit(self.base_client, false),
+                ],
+            )?;
+        }
         self.up_holds = Some(self.sockmap.waiters.watch(self.client));
         self.down_holds = Some(self.sockmap.waiters.watch(self.upstream));
         Ok(())
@@ -270,5 +272,60 @@ mod tests {
         drop((src, dst));
         sender.join().unwrap();
         assert_eq!(sink.join().unwrap(), moved, "every byte read was written");
+    }
+
+    /// A tunnel whose peers got nothing but the `200` before arming is bounded by the
+    /// program's default limit: no LIMITS or MOVED entries of its own. One whose upstream got
+    /// more than the slack (bytes the client sent early) gets its own. Either way, closing it
+    /// leaves every map as it was, and its counts are read as the entries go.
+    #[tokio::test]
+    async fn limits_of_their_own_only_past_the_slack_and_nothing_left_after_close() {
+        let sm = Sockmap::start(Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let before = sm.map_entries();
+        for early in [0usize, DEFAULT_LIMIT_SLACK as usize + 1] {
+            let (client, mut client_remote) = pair(&l).await;
+            let (upstream, mut upstream_remote) = pair(&l).await;
+            let mut reg = sm.register(&client, &upstream).await.unwrap();
+            if early > 0 {
+                upstream.try_write(&pattern(early)).unwrap();
+            }
+            client
+                .try_write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .unwrap();
+            assert_eq!(reg.arm(&client, &upstream).await.unwrap(), Armed::Kernel);
+            let [peers, armed, bytes, limits, moved] = sm.map_entries();
+            assert_eq!(
+                (peers, armed, bytes),
+                (before[0] + 2, before[1] + 2, before[2] + 2),
+                "early {early}"
+            );
+            let own = if early > 0 { 2 } else { 0 };
+            assert_eq!(
+                (limits, moved),
+                (before[3] + own, before[4]),
+                "early {early}"
+            );
+
+            // 64 KiB each way through the program.
+            let data = pattern(64 * 1024);
+            client_remote.write_all(&data).unwrap();
+            let mut got = vec![0u8; early + data.len()];
+            upstream_remote.read_exact(&mut got).unwrap();
+            assert!(got[early..] == data[..], "client -> upstream");
+            upstream_remote.write_all(&data).unwrap();
+            let mut got = vec![0u8; 39 + data.len()];
+            client_remote.read_exact(&mut got).unwrap();
+            assert!(got[39..] == data[..], "upstream -> client");
+
+            let tally = reg.close(Some((client, upstream)));
+            assert_eq!(
+                (tally.up, tally.down),
+                (64 * 1024, 64 * 1024),
+                "early {early}"
+            );
+            assert_eq!(tally.kernel, 128 * 1024, "early {early}");
+            assert_eq!(sm.map_entries(), before, "early {early}: entries left");
+        }
     }
 }

@@ -19,6 +19,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -111,17 +112,32 @@ impl<K: Pod, V: Pod> RawMap<K, V> {
         bpf(BPF_MAP_UPDATE_ELEM, &mut self.elem(key, addr(value), 0))
     }
 
-    /// `key`'s value; `None` when there is no entry.
-    pub(super) fn lookup(&self, key: &K) -> io::Result<Option<V>> {
+    /// Runs a command that writes `key`'s value into a buffer; `None` when there is no entry.
+    fn read(&self, cmd: libc::c_long, key: &K) -> io::Result<Option<V>> {
         let mut value = std::mem::MaybeUninit::<V>::zeroed();
-        match bpf(
-            BPF_MAP_LOOKUP_ELEM,
-            &mut self.elem(key, addr(value.as_mut_ptr()), 0),
-        ) {
+        match bpf(cmd, &mut self.elem(key, addr(value.as_mut_ptr()), 0)) {
             // SAFETY: the kernel wrote a whole value; V is Pod, valid for any bytes.
             Ok(()) => Ok(Some(unsafe { value.assume_init() })),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// `key`'s value; `None` when there is no entry.
+    pub(super) fn lookup(&self, key: &K) -> io::Result<Option<V>> {
+        self.read(BPF_MAP_LOOKUP_ELEM, key)
+    }
+
+    /// Removes `key`'s entry and returns its value; `None` when there was none.
+    pub(super) fn take(&self, key: &K) -> io::Result<Option<V>> {
+        match self.read(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key) {
+            // Before 5.14 hash maps have no lookup-and-delete: two calls.
+            Err(e) if unsupported(&e) => {
+                let value = self.lookup(key)?;
+                self.delete(key)?;
+                Ok(value)
+            }
+            other => other,
         }
     }
 

@@ -37,7 +37,7 @@ mod watch;
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use aya::Ebpf;
@@ -51,8 +51,8 @@ use super::detach::{Detacher, Walker};
 use super::holds::{Backlog, Counters, HoldWaiters, Overrun};
 use super::pump::{self, Progress};
 use crate::ebpf::{
-    self, ARMED_MAP, BYTES_MAP, Counts, DETACH_MAP, EbpfError, HOLDS_MAP, KernelStats, LIMITS_MAP,
-    Limit, MOVED_MAP, PEERS_MAP, WALK_MAP,
+    self, ARMED_MAP, BYTES_MAP, Counts, DEFAULT_LIMIT_MAP, DETACH_MAP, EbpfError, HOLDS_MAP,
+    KernelStats, LIMITS_MAP, Limit, MOVED_MAP, PEERS_MAP, WALK_MAP,
 };
 
 /// The loaded program and its maps, shared by all tunnels.
@@ -120,6 +120,34 @@ impl Counters for Sockmap {
     }
 }
 
+/// Largest `base` (bytes userspace wrote to the peer before arming) a direction may have and
+/// still be bounded by the program's default limit, which has base 0: its bound is then loose
+/// by at most this much. The client's base is the 39-byte `200`; the upstream's is 0 unless the
+/// client sent bytes before its `200` arrived.
+const DEFAULT_LIMIT_SLACK: u64 = 4096;
+
+/// The program's counters as a tunnel's movers use them: as [`Sockmap`]'s, noting when the
+/// tunnel's sockets get `LIMITS` or `MOVED` entries of their own, to remove them at its end.
+impl Counters for Registration<'_> {
+    fn counts(&self, src_cookie: u64) -> (u64, u64) {
+        self.sockmap.counts(src_cookie)
+    }
+
+    fn set_moved(&self, src_cookie: u64, moved: u64) -> io::Result<()> {
+        self.own_limits.store(true, Ordering::Relaxed);
+        self.sockmap.set_moved(src_cookie, moved)
+    }
+
+    fn set_limit(&self, src_cookie: u64, limit: Limit) -> io::Result<()> {
+        self.own_limits.store(true, Ordering::Relaxed);
+        self.sockmap.set_limit(src_cookie, limit)
+    }
+
+    fn reset_seq(&self, src_cookie: u64) -> io::Result<()> {
+        self.sockmap.reset_seq(src_cookie)
+    }
+}
+
 fn map_err(what: &str, e: impl std::fmt::Display) -> EbpfError {
     EbpfError::Other(format!("{what}: {e}"))
 }
@@ -175,6 +203,12 @@ impl Sockmap {
                 }
             }
         }
+        // The bound of every direction without a LIMITS entry of its own (most of them).
+        let mut default_limit = Array::<_, Limit>::try_from(take(&mut ebpf, DEFAULT_LIMIT_MAP)?)
+            .map_err(|e| map_err(DEFAULT_LIMIT_MAP, e))?;
+        default_limit
+            .set(0, backlog.limit(0, false), 0)
+            .map_err(|e| map_err(DEFAULT_LIMIT_MAP, e))?;
         let waiters = Arc::new(HoldWaiters::default());
         let dispatcher = tokio::spawn({
             let (waiters, stats) = (waiters.clone(), stats.clone());
@@ -254,9 +288,15 @@ impl Sockmap {
         self.backlog
     }
 
-    /// Entries in the `PEERS` map (two per open tunnel).
-    pub fn peer_entries(&self) -> usize {
-        self.peers.len()
+    /// Entries in each per-tunnel map: `PEERS`, `ARMED`, `BYTES`, `LIMITS`, `MOVED`.
+    pub fn map_entries(&self) -> [usize; 5] {
+        [
+            self.peers.len(),
+            self.armed.len(),
+            self.bytes.len(),
+            self.limits.len(),
+            self.moved.len(),
+        ]
     }
 }
 
@@ -313,8 +353,10 @@ pub struct Registration<'a> {
     userspace: Progress,
     /// Times a direction started relaying (`--sockmap-overrun relay`).
     relays: AtomicU64,
-    /// LIMITS and MOVED hold entries for both sockets.
-    bounded: bool,
+    /// LIMITS and MOVED may hold entries for this tunnel's sockets: written when it was armed
+    /// (a base too large for the default limit) or since (a hold episode, a return to the
+    /// kernel path; see the `Counters` impl).
+    own_limits: AtomicBool,
     /// Wake-ups for the client's (up) and the upstream's (down) holds.
     up_holds: Option<Arc<Notify>>,
     down_holds: Option<Arc<Notify>>,
@@ -326,6 +368,8 @@ pub struct Registration<'a> {
     /// The tunnel's sockets are closed ([`Registration::close`]): the kernel took them out of
     /// `PEERS` and `ARMED` as they closed.
     sockets_closed: bool,
+    /// Their `BYTES` entries were taken out by [`Registration::close`].
+    bytes_taken: bool,
 }
 
 impl Registration<'_> {
@@ -394,9 +438,8 @@ impl Registration<'_> {
 }
 
 impl Registration<'_> {
-    /// The tunnel's counts by path, read once at its end.
-    pub fn tally(&self) -> Tally {
-        let (ku, kd) = self.kernel_bytes();
+    /// The tunnel's counts by path, with the program's counts of the two directions.
+    fn tally_with(&self, (ku, kd): (u64, u64)) -> Tally {
         let (su, sd) = self.spliced_bytes();
         let (detaches, rearms) = self.transitions();
         Tally {
@@ -411,14 +454,22 @@ impl Registration<'_> {
         }
     }
 
-    /// Ends the tunnel: closes its sockets, then leaves the maps. Closing a socket takes it
-    /// out of `PEERS` and `ARMED` in the kernel (`sock_map_close`), so those need no call of
-    /// their own, and no program can run for its cookie once the per-socket entries go.
-    pub fn close<S>(mut self, sockets: Option<(S, S)>) {
-        if let Some(sockets) = sockets {
-            drop(sockets);
-            self.sockets_closed = true;
-        }
+    /// Ends the tunnel: closes its sockets, then takes its counts out of the maps, final
+    /// since no program can run for a closed socket. Closing a socket takes it out of `PEERS`
+    /// and `ARMED` in the kernel (`sock_map_close`), so those need no call of their own.
+    pub fn close<S>(mut self, sockets: Option<(S, S)>) -> Tally {
+        let Some(sockets) = sockets else {
+            return self.tally_with(self.kernel_bytes());
+        };
+        drop(sockets);
+        self.sockets_closed = true;
+        let take = |cookie| {
+            let counts = self.sockmap.bytes.take(&cookie).ok().flatten();
+            counts.map_or(0, |c| c.redirected)
+        };
+        let kernel = (take(self.client), take(self.upstream));
+        self.bytes_taken = true;
+        self.tally_with(kernel)
     }
 }
 
@@ -450,14 +501,18 @@ impl Drop for Registration<'_> {
                 let _ = self.sockmap.peers.delete_all(&both);
             }
         }
-        if self.bounded {
+        if *self.own_limits.get_mut() {
             let _ = self.sockmap.limits.delete_all(&both);
             let _ = self.sockmap.moved.delete_all(&both);
+        }
+        if self.up_holds.is_some() {
             for c in both {
                 self.sockmap.waiters.forget(c);
             }
         }
-        let _ = self.sockmap.bytes.delete_all(&both);
+        if !self.bytes_taken {
+            let _ = self.sockmap.bytes.delete_all(&both);
+        }
     }
 }
 
