@@ -20,7 +20,10 @@ use crate::util::{output, run_step, step};
 const PACKAGES: &[&str] = &[
     "stunnel4",
     "rsync",
-    "squid",
+    // Debian's `squid` is built with GnuTLS and cannot `ssl_bump bump`; tests/tests/doctor.rs
+    // needs a squid that intercepts TLS. squid-openssl is the same squid 5 with OpenSSL: same
+    // /usr/sbin/squid and helpers (the benchmarks run it unchanged); it replaces `squid`.
+    "squid-openssl",
     "tinyproxy",
     "curl",
     "openssl",
