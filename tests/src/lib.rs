@@ -9,6 +9,8 @@ pub mod metrics;
 pub mod peers;
 pub mod rawhttp;
 pub mod resources;
+pub mod squid;
+pub mod tls;
 pub mod torture;
 
 use std::io::{BufRead, BufReader, Read, Write};

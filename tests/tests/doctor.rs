@@ -1,11 +1,17 @@
 //! `splice-proxy doctor` end to end: the real binary run against real proxies on loopback, each
-//! verdict and exit status asserted.
+//! verdict and exit status asserted. The TLS targets are the test's own (certificates made with
+//! the openssl CLI); the intercepting proxy is squid with `ssl_bump bump` and a CA of the
+//! test's (Debian's squid-openssl).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use splice_proxy_tests::peers::{TempDir, require_tools};
+use splice_proxy_tests::squid::{self, SslBump};
+use splice_proxy_tests::tls::{self, Pem, TlsServer};
 use splice_proxy_tests::{Proxy, TEST_POLICY, binary};
 
 const USER: &str = "mig";
@@ -13,16 +19,12 @@ const PASS: &str = "s3cr:et@x";
 /// PASS as it is written inside the URL.
 const PASS_IN_URL: &str = "s3cr%3Aet%40x";
 
-/// A target that accepts and holds connections (the proxy only needs to reach it).
+/// A target that accepts connections and closes them: the proxy only needs to reach it (the tls
+/// check then cannot tell, at once).
 fn target() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in l.incoming().map_while(Result::ok) {
-            held.push(s);
-        }
-    });
+    std::thread::spawn(move || for _ in l.incoming() {});
     addr
 }
 
@@ -203,4 +205,220 @@ fn usage_errors_exit_2_with_one_line() {
     let o = doctor(&["http://127.0.0.1:3128"]);
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+}
+
+/// The CN of the CA that issues the target's and the API server's certificates.
+const ROUTE_CA: &str = "Doctor Test Route CA";
+/// The CN of the CA that the intercepting squid signs its certificates with.
+const SQUID_CA: &str = "Doctor Test Squid CA";
+
+/// A temp dir with the route's CA and a certificate it issued for 127.0.0.1; `None` (and a line
+/// saying why) when the openssl CLI is missing.
+struct Pki {
+    dir: TempDir,
+    ca: Pem,
+    server: Pem,
+}
+
+fn pki(tag: &str) -> Option<Pki> {
+    if let Err(e) = require_tools(&["openssl"]) {
+        eprintln!("skipped: {e}");
+        return None;
+    }
+    let dir = TempDir::new(tag).unwrap();
+    let ca = tls::make_ca(dir.path(), "route-ca", ROUTE_CA).unwrap();
+    // CN 127.0.0.1 too: squid 5 matches a server's address against the CN and DNS names only.
+    let server = tls::issue(
+        dir.path(),
+        &ca,
+        "route",
+        "127.0.0.1",
+        "IP:127.0.0.1,DNS:route.doctor.test",
+    )
+    .unwrap();
+    Some(Pki { dir, ca, server })
+}
+
+/// `--ca FILE` for the route's CA.
+fn ca_arg(p: &Pki) -> String {
+    p.ca.cert.display().to_string()
+}
+
+fn our_url(proxy: &Proxy) -> String {
+    format!("http://{USER}:{PASS_IN_URL}@{}", proxy.addr)
+}
+
+#[test]
+fn tls_through_our_proxy_is_untouched_by_ca_and_directly() {
+    let Some(p) = pki("doctor-tls-ours") else {
+        return;
+    };
+    let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+    let t = target.addr.to_string();
+    let proxy = our_proxy();
+    let o = doctor(&[&our_url(&proxy), "--target", &t, "--ca", &ca_arg(&p)]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let l = line(&out, "tls");
+    assert!(l.contains(" pass "), "{out}");
+    assert!(
+        l.contains(&format!("chains to --ca (issuer CN={ROUTE_CA})"))
+            && l.contains("the one the target presents directly"),
+        "{out}"
+    );
+    assert!(!out.contains(PASS) && !out.contains(PASS_IN_URL), "{out}");
+    // Without --ca the direct chain alone decides.
+    let o = doctor(&[&our_url(&proxy), "--target", &t, "--json"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let c = json_check(&out, "tls");
+    assert!(c.contains(r#""outcome":"pass""#), "{out}");
+    assert!(c.contains("same certificate as directly"), "{out}");
+}
+
+/// One check's object in `--json` output (keys in order: check, outcome, reason).
+fn json_check<'a>(out: &'a str, check: &str) -> &'a str {
+    let start = out
+        .find(&format!(r#"{{"check":"{check}""#))
+        .unwrap_or_else(|| panic!("no {check} check in {out}"));
+    let len = out[start..].find("\"}").expect("object end") + 2;
+    &out[start..start + len]
+}
+
+#[test]
+fn tls_seen_only_through_the_proxy_names_the_issuer_and_needs_ca() {
+    let Some(p) = pki("doctor-tls-single") else {
+        return;
+    };
+    let proxy = our_proxy();
+    // The target accepts once: the proxy's connection. doctor's direct try is refused.
+    let target = TlsServer::start_single(&p.server, tls::hold()).unwrap();
+    let t = target.addr.to_string();
+    let o = doctor(&[&our_url(&proxy), "--target", &t]);
+    let out = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "cannot tell is not a failure: {out}"
+    );
+    let l = line(&out, "tls");
+    assert!(l.contains(" cannot tell "), "{out}");
+    assert!(l.contains(&format!("issued by CN={ROUTE_CA}")), "{out}");
+    assert!(l.contains("not reachable directly from here"), "{out}");
+    assert!(l.contains("only --ca FILE"), "{out}");
+
+    let target = TlsServer::start_single(&p.server, tls::hold()).unwrap();
+    let t = target.addr.to_string();
+    let o = doctor(&[&our_url(&proxy), "--target", &t, "--ca", &ca_arg(&p)]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(line(&out, "tls").contains(" pass "), "{out}");
+}
+
+#[test]
+fn a_bad_ca_file_is_a_usage_error() {
+    let Some(p) = pki("doctor-bad-ca") else {
+        return;
+    };
+    let junk = p.dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    for ca in [
+        junk.display().to_string(),
+        p.dir.join("absent.pem").display().to_string(),
+    ] {
+        let o = doctor(&[
+            "http://127.0.0.1:3128",
+            "--target",
+            "127.0.0.1:443",
+            "--ca",
+            &ca,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("--ca"), "{err}");
+    }
+}
+
+/// One squid at a time: each starts helpers and a certificate database of its own.
+static SQUID: Mutex<()> = Mutex::new(());
+
+/// squid with its own CA, and behind it a TLS target with a certificate from the route's CA.
+struct SquidScene {
+    squid: splice_proxy_tests::peers::Daemon,
+    _target: TlsServer,
+    p: Pki,
+    /// `--target`.
+    target: String,
+    /// Last: released once squid is gone.
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl SquidScene {
+    /// `None` with a line saying why when openssl is missing or this squid cannot bump.
+    fn start(tag: &str, mode: SslBump) -> Option<SquidScene> {
+        let one = SQUID.lock().unwrap_or_else(|e| e.into_inner());
+        let p = pki(tag)?;
+        if let Some(why) = squid::cannot_bump() {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        let ca = tls::make_ca(p.dir.path(), "squid-ca", SQUID_CA).unwrap();
+        let squid = squid::start(p.dir.path(), mode, &ca, &p.ca.cert).unwrap();
+        let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+        Some(SquidScene {
+            target: target.addr.to_string(),
+            squid,
+            p,
+            _target: target,
+            _one: one,
+        })
+    }
+
+    /// doctor through this squid (an open proxy: no credentials) to the target.
+    fn doctor(&self, extra: &[&str]) -> (Option<i32>, String) {
+        let url = format!("http://{}", self.squid.addr);
+        let mut args = vec![url.as_str(), "--target", &self.target];
+        args.extend_from_slice(extra);
+        let o = doctor(&args);
+        (o.status.code(), text(&o))
+    }
+}
+
+#[test]
+fn squid_bump_is_interception_named() {
+    let Some(s) = SquidScene::start("doctor-squid-bump", SslBump::Bump) else {
+        return;
+    };
+    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p)]);
+    assert_eq!(code, Some(1), "{out}\n{}", s.squid.log_report());
+    let l = line(&out, "tls");
+    assert!(l.contains(" fail "), "{out}");
+    assert!(l.contains(&format!("issued by CN={SQUID_CA}")), "{out}");
+    assert!(
+        l.contains("does not chain to --ca") && l.contains("intercepts TLS"),
+        "{out}"
+    );
+
+    // Without --ca, the chain the target presents directly shows the same.
+    let (code, out) = s.doctor(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    let l = line(&out, "tls");
+    assert!(l.contains(" fail "), "{out}");
+    assert!(
+        l.contains(&format!("issued by CN={SQUID_CA}"))
+            && l.contains(&format!(
+                "the target itself presents one issued by CN={ROUTE_CA}"
+            )),
+        "{out}"
+    );
+}
+
+#[test]
+fn squid_splice_leaves_tls_alone() {
+    let Some(s) = SquidScene::start("doctor-squid-splice", SslBump::Splice) else {
+        return;
+    };
+    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p)]);
+    assert_eq!(code, Some(0), "{out}\n{}", s.squid.log_report());
+    assert!(line(&out, "tls").contains(" pass "), "{out}");
 }

@@ -155,7 +155,14 @@ pub fn classify(head: &Head, target: &str, sent_credentials: bool) -> Finding {
     let (outcome, why) = match status {
         200..=299 => (
             Outcome::Pass,
-            format!("CONNECT {target} with basic credentials answered {line}"),
+            format!(
+                "CONNECT {target} {} answered {line}",
+                if sent_credentials {
+                    "with basic credentials"
+                } else {
+                    "without credentials"
+                }
+            ),
         ),
         407 => (Outcome::Fail, auth_reason(head, sent_credentials)),
         403 => (
@@ -247,8 +254,20 @@ mod tests {
             true,
         );
         assert_eq!(ok.outcome, Outcome::Pass);
-        let other = classify(&head("HTTP/1.0 204 OK\r\n\r\n"), "t:1", true);
+        assert!(
+            ok.reason.contains("with basic credentials"),
+            "{}",
+            ok.reason
+        );
+        let other = classify(&head("HTTP/1.0 204 OK\r\n\r\n"), "t:1", false);
         assert_eq!(other.outcome, Outcome::Pass);
+        assert!(
+            other
+                .reason
+                .contains("t:1 without credentials answered 204"),
+            "{}",
+            other.reason
+        );
         let redirect = classify(&head("HTTP/1.1 302 Found\r\n\r\n"), "t:1", true);
         assert_eq!(redirect.outcome, Outcome::Fail);
     }

@@ -3,8 +3,10 @@
 
 pub mod checks;
 pub mod report;
+pub mod tls;
 pub mod url;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -21,6 +23,10 @@ pub struct DoctorArgs {
     /// Where the migration's tunnel goes (the target cluster's route), HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     pub target: String,
+    /// PEM file with the CA that issued the target's certificate: the chain seen through the
+    /// proxy must lead to it.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Print one JSON document instead of lines.
     #[arg(long)]
     pub json: bool,
@@ -36,19 +42,26 @@ pub enum UsageError {
     Url(#[from] url::UrlError),
     #[error("--target {0:?}: expected HOST:PORT with a port from 1 to 65535")]
     Target(String),
+    #[error(transparent)]
+    Ca(#[from] tls::CaError),
 }
 
 /// Checks the arguments, then runs every check; the report and its exit status.
 pub fn run(args: &DoctorArgs) -> Result<Report, UsageError> {
     let url = ProxyUrl::parse(&args.proxy)?;
     check_target(&args.target)?;
+    let ca = args.ca.as_deref().map(tls::Ca::load).transpose()?;
     let mut report = Report {
         proxy: url.to_string(),
         target: args.target.clone(),
         findings: Vec::new(),
     };
-    let (finding, _tunnel) = checks::connect(&url, &args.target, args.timeout);
+    let (finding, tunnel) = checks::connect(&url, &args.target, args.timeout);
     report.findings.push(finding);
+    let ca = ca.as_ref();
+    report
+        .findings
+        .push(tls::check(tunnel, &args.target, ca, args.timeout));
     Ok(report)
 }
 

@@ -41,6 +41,17 @@ impl Finding {
     }
 }
 
+#[cfg(test)]
+impl Finding {
+    /// Asserts the outcome, and that the reason says each of `words`.
+    pub fn expect(&self, outcome: Outcome, words: &[&str]) {
+        assert_eq!(self.outcome, outcome, "{}", self.reason);
+        for w in words {
+            assert!(self.reason.contains(w), "{w:?} not in {:?}", self.reason);
+        }
+    }
+}
+
 /// Everything one run found, in the order the checks ran.
 #[derive(Debug, Default)]
 pub struct Report {
