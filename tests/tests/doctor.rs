@@ -1,17 +1,17 @@
 //! `splice-proxy doctor` end to end: the real binary run against real proxies on loopback, each
-//! verdict and exit status asserted. The TLS targets are the test's own (certificates made with
-//! the openssl CLI); the intercepting proxy is squid with `ssl_bump bump` and a CA of the
-//! test's (Debian's squid-openssl).
+//! verdict and exit status asserted. The TLS targets and the Kubernetes-like API server are the
+//! test's own (certificates made with the openssl CLI); the intercepting proxy is squid with
+//! `ssl_bump bump` and a CA of the test's (Debian's squid-openssl).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use splice_proxy_tests::peers::{TempDir, require_tools};
 use splice_proxy_tests::squid::{self, SslBump};
-use splice_proxy_tests::tls::{self, Pem, TlsServer};
+use splice_proxy_tests::tls::{self, Handler, Pem, TlsServer};
 use splice_proxy_tests::{Proxy, TEST_POLICY, binary};
 
 const USER: &str = "mig";
@@ -244,6 +244,38 @@ fn ca_arg(p: &Pki) -> String {
     p.ca.cert.display().to_string()
 }
 
+/// What the test's API server received: one request head a connection.
+type Heads = Arc<Mutex<Vec<String>>>;
+
+/// A Kubernetes-like API server: `101` when `Connection: Upgrade` and `Upgrade` arrive, else
+/// `400` with the API server's body `Upgrade request required`.
+fn api_server(p: &Pki) -> (TlsServer, Heads) {
+    let heads: Heads = Arc::default();
+    let seen = heads.clone();
+    let handler: Handler = Arc::new(move |s| {
+        let head = tls::read_request_head(s);
+        let lower = head.to_ascii_lowercase();
+        let header = |name: &str| {
+            lower
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        let connection = header("connection:").unwrap_or_default();
+        let answer = match header("upgrade:") {
+            Some(proto) if connection.split(',').any(|t| t.trim() == "upgrade") => format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {proto}\r\n\r\n"
+            ),
+            _ => "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                  Content-Length: 25\r\n\r\nUpgrade request required\n"
+                .to_string(),
+        };
+        seen.lock().unwrap().push(head);
+        let _ = s.write_all(answer.as_bytes());
+        let _ = s.flush();
+    });
+    (TlsServer::start(&p.server, handler).unwrap(), heads)
+}
+
 fn our_url(proxy: &Proxy) -> String {
     format!("http://{USER}:{PASS_IN_URL}@{}", proxy.addr)
 }
@@ -337,18 +369,70 @@ fn a_bad_ca_file_is_a_usage_error() {
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains("--ca"), "{err}");
     }
+    let o = doctor(&[
+        "http://127.0.0.1:3128",
+        "--target",
+        "127.0.0.1:443",
+        "--api",
+        "http://api:6443",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected https://"));
+}
+
+#[test]
+fn upgrade_through_our_proxy_reaches_the_api_server() {
+    let Some(p) = pki("doctor-api-ours") else {
+        return;
+    };
+    let proxy = our_proxy();
+    let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+    let (api, heads) = api_server(&p);
+    let api_url = format!("https://{}", api.addr);
+    let o = doctor(&[
+        &our_url(&proxy),
+        "--target",
+        &target.addr.to_string(),
+        "--api",
+        &api_url,
+        "--ca",
+        &ca_arg(&p),
+        "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let c = json_check(&out, "upgrade");
+    assert!(c.contains(r#""outcome":"pass""#), "{out}");
+    assert!(
+        c.contains("SPDY/3.1: 101 Switching Protocols; websocket: 101 Switching Protocols"),
+        "{out}"
+    );
+    assert!(c.contains("chains to --ca"), "{out}");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].contains("\r\nUpgrade: SPDY/3.1\r\n"), "{heads:?}");
+    assert!(heads[1].contains("\r\nUpgrade: websocket\r\n"), "{heads:?}");
+    assert!(
+        heads[0].starts_with(
+            "GET /api/v1/namespaces/default/pods/x/exec?command=true&stdout=true HTTP/1.1\r\n"
+        ),
+        "{heads:?}"
+    );
 }
 
 /// One squid at a time: each starts helpers and a certificate database of its own.
 static SQUID: Mutex<()> = Mutex::new(());
 
-/// squid with its own CA, and behind it a TLS target with a certificate from the route's CA.
+/// squid with its own CA, and behind it a TLS target and the API server, from the route's CA.
 struct SquidScene {
     squid: splice_proxy_tests::peers::Daemon,
-    _target: TlsServer,
+    _servers: [TlsServer; 2],
     p: Pki,
     /// `--target`.
     target: String,
+    /// `--api`.
+    api: String,
+    heads: Heads,
     /// Last: released once squid is gone.
     _one: std::sync::MutexGuard<'static, ()>,
 }
@@ -365,11 +449,14 @@ impl SquidScene {
         let ca = tls::make_ca(p.dir.path(), "squid-ca", SQUID_CA).unwrap();
         let squid = squid::start(p.dir.path(), mode, &ca, &p.ca.cert).unwrap();
         let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+        let (api, heads) = api_server(&p);
         Some(SquidScene {
             target: target.addr.to_string(),
+            api: format!("https://{}", api.addr),
+            heads,
             squid,
             p,
-            _target: target,
+            _servers: [target, api],
             _one: one,
         })
     }
@@ -385,11 +472,11 @@ impl SquidScene {
 }
 
 #[test]
-fn squid_bump_is_interception_named() {
+fn squid_bump_is_interception_named_and_strips_upgrade() {
     let Some(s) = SquidScene::start("doctor-squid-bump", SslBump::Bump) else {
         return;
     };
-    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p)]);
+    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p), "--api", &s.api]);
     assert_eq!(code, Some(1), "{out}\n{}", s.squid.log_report());
     let l = line(&out, "tls");
     assert!(l.contains(" fail "), "{out}");
@@ -397,6 +484,19 @@ fn squid_bump_is_interception_named() {
     assert!(
         l.contains("does not chain to --ca") && l.contains("intercepts TLS"),
         "{out}"
+    );
+    let l = line(&out, "upgrade");
+    assert!(l.contains(" fail "), "{out}\n{}", s.squid.log_report());
+    assert!(l.contains("Upgrade request required"), "{out}");
+    assert!(l.contains("did not reach the API server"), "{out}");
+    // squid re-sent the exec requests itself, without the Upgrade header.
+    let heads = s.heads.lock().unwrap().clone();
+    assert!(!heads.is_empty(), "{}", s.squid.log_report());
+    assert!(
+        heads
+            .iter()
+            .all(|h| !h.to_ascii_lowercase().contains("\nupgrade:")),
+        "{heads:?}"
     );
 
     // Without --ca, the chain the target presents directly shows the same.
@@ -414,11 +514,12 @@ fn squid_bump_is_interception_named() {
 }
 
 #[test]
-fn squid_splice_leaves_tls_alone() {
+fn squid_splice_leaves_tls_and_upgrade_alone() {
     let Some(s) = SquidScene::start("doctor-squid-splice", SslBump::Splice) else {
         return;
     };
-    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p)]);
+    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p), "--api", &s.api]);
     assert_eq!(code, Some(0), "{out}\n{}", s.squid.log_report());
     assert!(line(&out, "tls").contains(" pass "), "{out}");
+    assert!(line(&out, "upgrade").contains(" pass "), "{out}");
 }

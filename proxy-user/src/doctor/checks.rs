@@ -25,7 +25,8 @@ pub struct Head {
 }
 
 impl Head {
-    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    /// Every value of header `name`, in order.
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
             .iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
@@ -90,7 +91,7 @@ pub fn connect(url: &ProxyUrl, target: &str, timeout: Duration) -> (Finding, Opt
             );
         }
     }
-    let head = match read_head(&mut s) {
+    let head = match read_head(&mut s, "the proxy", "CONNECT") {
         Ok(h) => h,
         Err(why) => return fail(Outcome::Fail, why),
     };
@@ -99,24 +100,31 @@ pub fn connect(url: &ProxyUrl, target: &str, timeout: Duration) -> (Finding, Opt
     (finding, open)
 }
 
-/// Reads up to the blank line, byte by byte so nothing after the head is consumed.
-fn read_head(s: &mut TcpStream) -> Result<Head, String> {
+/// Reads up to the blank line, byte by byte so nothing after the head is consumed. `peer` and
+/// `request` name who answers what, for the reasons (`the proxy`, `CONNECT`).
+pub fn read_head(s: &mut impl Read, peer: &str, request: &str) -> Result<Head, String> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") && !buf.ends_with(b"\n\n") {
         match s.read(&mut byte) {
             Ok(0) if buf.is_empty() => {
-                return Err("proxy closed the connection without answering CONNECT".into());
+                return Err(format!(
+                    "{peer} closed the connection without answering {request}"
+                ));
             }
-            Ok(0) => return Err("proxy closed the connection in the middle of its answer".into()),
+            Ok(0) => {
+                return Err(format!(
+                    "{peer} closed the connection in the middle of its answer"
+                ));
+            }
             Ok(_) => buf.push(byte[0]),
-            Err(e) => return Err(format!("no answer to CONNECT from the proxy: {e}")),
+            Err(e) => return Err(format!("no answer to {request} from {peer}: {e}")),
         }
         if buf.len() > MAX_HEAD {
-            return Err("proxy's answer head is larger than 16 KiB".into());
+            return Err(format!("{peer}'s answer head is larger than 16 KiB"));
         }
     }
-    parse_head(&buf)
+    parse_head(&buf).map_err(|e| format!("{peer}'s {e}"))
 }
 
 /// Parses a response head (status line and headers).
@@ -138,8 +146,8 @@ pub fn parse_head(raw: &[u8]) -> Result<Head, String> {
                 })
                 .collect(),
         }),
-        Ok(httparse::Status::Partial) => Err("proxy's answer head is incomplete".into()),
-        Err(e) => Err(format!("proxy's answer is not HTTP ({e})")),
+        Ok(httparse::Status::Partial) => Err("answer head is incomplete".into()),
+        Err(e) => Err(format!("answer is not HTTP ({e})")),
     }
 }
 

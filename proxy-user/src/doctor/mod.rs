@@ -4,6 +4,7 @@
 pub mod checks;
 pub mod report;
 pub mod tls;
+pub mod upgrade;
 pub mod url;
 
 use std::path::PathBuf;
@@ -23,8 +24,12 @@ pub struct DoctorArgs {
     /// Where the migration's tunnel goes (the target cluster's route), HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     pub target: String,
-    /// PEM file with the CA that issued the target's certificate: the chain seen through the
-    /// proxy must lead to it.
+    /// The API server's URL (https://HOST[:PORT]): also check that exec upgrade requests reach it
+    /// through the proxy with their Upgrade header.
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
+    /// PEM file with the CA that issued the target's (and the API server's) certificate: the
+    /// chain seen through the proxy must lead to it.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
     /// Print one JSON document instead of lines.
@@ -44,6 +49,8 @@ pub enum UsageError {
     Target(String),
     #[error(transparent)]
     Ca(#[from] tls::CaError),
+    #[error(transparent)]
+    Api(#[from] upgrade::ApiError),
 }
 
 /// Checks the arguments, then runs every check; the report and its exit status.
@@ -51,6 +58,11 @@ pub fn run(args: &DoctorArgs) -> Result<Report, UsageError> {
     let url = ProxyUrl::parse(&args.proxy)?;
     check_target(&args.target)?;
     let ca = args.ca.as_deref().map(tls::Ca::load).transpose()?;
+    let api = args
+        .api
+        .as_deref()
+        .map(upgrade::ApiUrl::parse)
+        .transpose()?;
     let mut report = Report {
         proxy: url.to_string(),
         target: args.target.clone(),
@@ -62,6 +74,11 @@ pub fn run(args: &DoctorArgs) -> Result<Report, UsageError> {
     report
         .findings
         .push(tls::check(tunnel, &args.target, ca, args.timeout));
+    if let Some(api) = &api {
+        report
+            .findings
+            .push(upgrade::check(&url, api, ca, args.timeout));
+    }
     Ok(report)
 }
 
