@@ -110,9 +110,20 @@ fn two_gib_bypass_userspace() {
     assert!(line.contains("mode=sockmap"), "{line}");
     assert_eq!(access_field(&line, "bytes_up"), Some(TOTAL), "{line}");
     assert_eq!(access_field(&line, "bytes_down"), Some(0), "{line}");
-    // The access log says which way the bytes went (kernel_bytes, spliced_bytes, relayed_bytes).
+    // The access log says which way the bytes went: through the program, or spliced (kernel
+    // to kernel) where the reader fell behind for a moment (on a busy machine, even this
+    // paced stream can), and none copied by userspace.
+    let (kernel, spliced) = (
+        access_field(&line, "kernel_bytes").unwrap(),
+        access_field(&line, "spliced_bytes").unwrap(),
+    );
+    assert_eq!(kernel + spliced, TOTAL, "{line}");
+    assert!(kernel >= TOTAL / 2, "mostly through the program: {line}");
+    assert_eq!(access_field(&line, "relayed_bytes"), Some(0), "{line}");
+    // And the proxy's CPU agrees: 0.01-0.05 s on a quiet machine, more when other work
+    // competes for the 2 CPUs (0.06 s seen); splicing or copying 2 GiB costs 0.45 s or more.
     assert!(
-        cpu < 0.05,
+        cpu < 0.2,
         "the proxy used {cpu:.3} s of CPU for 2 GiB: bytes went through userspace: {line}"
     );
 }

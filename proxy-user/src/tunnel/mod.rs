@@ -86,7 +86,7 @@ impl DataPath {
     ) -> io::Result<Handoff<'a>> {
         match self {
             DataPath::Sockmap(sm) => match sm.register(client, upstream).await {
-                Ok(reg) => Ok(Handoff(Some(reg))),
+                Ok(reg) => Ok(Handoff(Some(Box::new(reg)))),
                 // A socket whose remote already sent FIN cannot join a
                 // sockmap: this tunnel is forwarded by userspace instead.
                 Err(_)
@@ -103,7 +103,10 @@ impl DataPath {
 }
 
 /// What [`DataPath::register`] set up for one tunnel; undone on drop.
-pub struct Handoff<'a>(Option<sockmap::Registration<'a>>);
+///
+/// Boxed: the connection's future holds it, and async functions keep a moved value's slot, so
+/// inline it took 176 bytes in several places of every tunnel's future.
+pub struct Handoff<'a>(Option<Box<sockmap::Registration<'a>>>);
 
 /// The data path chosen at start-up, and the warning to log once when
 /// `auto` had to fall back.
@@ -290,7 +293,7 @@ pub async fn forward(
             if let Some(Some((c, u))) = &detached {
                 reset_if(result.0, c, u);
             }
-            let tally = reg.close(detached.flatten());
+            let tally = (*reg).close(detached.flatten());
             progress.up.fetch_add(tally.up, Ordering::Relaxed);
             progress.down.fetch_add(tally.down, Ordering::Relaxed);
             return Outcome {

@@ -27,8 +27,8 @@ pub(super) struct Movers {
     pub(super) up_moving: bool,
     pub(super) down_moving: bool,
     /// A direction off the kernel path, forwarded by splice(2).
-    pub(super) up_spliced: Option<Spliced>,
-    pub(super) down_spliced: Option<Spliced>,
+    pub(super) up_spliced: Option<Box<Spliced>>,
+    pub(super) down_spliced: Option<Box<Spliced>>,
     /// How long each direction stays spliced at least.
     pub(super) up_backoff: Backoff,
     pub(super) down_backoff: Backoff,
@@ -68,12 +68,15 @@ impl Movers {
 
     fn spliced(&self, dir: Dir) -> Option<&Spliced> {
         match dir {
-            Dir::Up => self.up_spliced.as_ref(),
-            Dir::Down => self.down_spliced.as_ref(),
+            Dir::Up => self.up_spliced.as_deref(),
+            Dir::Down => self.down_spliced.as_deref(),
         }
     }
 
-    fn set_spliced(&mut self, dir: Dir, sp: Option<Spliced>) {
+    /// Boxed: only directions that left the kernel path need one, and the movers live in the
+    /// watch loop's future for as long as the tunnel.
+    fn set_spliced(&mut self, dir: Dir, sp: Spliced) {
+        let sp = Some(Box::new(sp));
         match dir {
             Dir::Up => self.up_spliced = sp,
             Dir::Down => self.down_spliced = sp,
@@ -82,8 +85,8 @@ impl Movers {
 
     fn take_spliced(&mut self, dir: Dir) -> Option<Spliced> {
         match dir {
-            Dir::Up => self.up_spliced.take(),
-            Dir::Down => self.down_spliced.take(),
+            Dir::Up => self.up_spliced.take().map(|b| *b),
+            Dir::Down => self.down_spliced.take().map(|b| *b),
         }
     }
 
@@ -216,7 +219,7 @@ impl Registration<'_> {
                 match Spliced::new(src, dst, target) {
                     Ok(sp) => {
                         movers.backoff(dir).leaving(std::time::Instant::now());
-                        movers.set_spliced(dir, Some(sp));
+                        movers.set_spliced(dir, sp);
                     }
                     Err(e) => {
                         // No pipe to be had (out of descriptors): straight back to the kernel.
@@ -257,7 +260,7 @@ impl Registration<'_> {
                 let mut sp = sp;
                 sp.splice_to_the_end();
                 set_sndbuf(dst, self.sockmap.backlog.spliced_sndbuf(PIPE_SIZE as u64))?;
-                movers.set_spliced(dir, Some(sp));
+                movers.set_spliced(dir, sp);
                 Ok(())
             }
             Err(e) => Err(e),
@@ -327,7 +330,7 @@ impl Registration<'_> {
 /// Runs a spliced direction until it stops (`hold`: see `backoff.rs`); never, for one on the
 /// kernel path.
 pub(super) async fn spliced_run(
-    sp: &mut Option<Spliced>,
+    sp: &mut Option<Box<Spliced>>,
     hold: Duration,
     backlog: Backlog,
     spliced: &Progress,
@@ -337,9 +340,13 @@ pub(super) async fn spliced_run(
         Some(sp) => {
             // Returning with the peer's queue near the soft threshold would cross it again at
             // once: the reader has caught up only once a quarter of it is left.
-            sp.run(hold, SPLICE_QUIET, (backlog.soft() / 4).max(1), |n| {
-                spliced.add(dir.into(), n)
-            })
+            // Boxed: the watch loop's future lives as long as the tunnel, and most tunnels
+            // never splice (see `a_sockmap_tunnel_future_is_small`).
+            Box::pin(
+                sp.run(hold, SPLICE_QUIET, (backlog.soft() / 4).max(1), |n| {
+                    spliced.add(dir.into(), n)
+                }),
+            )
             .await
         }
         None => std::future::pending().await,

@@ -112,13 +112,13 @@ impl Registration<'_> {
                         match close {
                             Close::Reset(e) => return (end, Some(format!("{name}: {e}"))),
                             Close::Fin if side == Side::Client && wants[0] == Want::Fin => {
-                                if let Err(end) = self.drain(client, self.client, upstream, Dir::Up, &mut movers.up).await {
+                                if let Err(end) = Box::pin(self.drain(client, self.client, upstream, Dir::Up, &mut movers.up)).await {
                                     return end;
                                 }
                                 up_done = true;
                             }
                             Close::Fin if side == Side::Upstream && wants[1] == Want::Fin => {
-                                if let Err(end) = self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down).await {
+                                if let Err(end) = Box::pin(self.drain(upstream, self.upstream, client, Dir::Down, &mut movers.down)).await {
                                     return end;
                                 }
                                 down_done = true;
@@ -149,7 +149,7 @@ impl Registration<'_> {
                         Err(end) => return end,
                     }
                 }
-                () = tokio::time::sleep(HOLD_TICK), if movers.busy(up_done, down_done) => {
+                () = sleep_boxed(HOLD_TICK), if movers.busy(up_done, down_done) => {
                     if let Err(end) = movers.tick(self, up_done, down_done) {
                         return end;
                     }
@@ -162,7 +162,7 @@ impl Registration<'_> {
                     Ok(()) => down_done = true,
                     Err(e) => return pump_end(e, Dir::Down),
                 },
-                () = tokio::time::sleep_until(clock.next_check), if idle.is_some() => {
+                () = sleep_until_boxed(clock.next_check), if idle.is_some() => {
                     if clock.expired(self.bytes()) {
                         return (End::Idle, None);
                     }
@@ -249,6 +249,18 @@ impl Registration<'_> {
     }
 }
 
+/// A timer allocated only once polled: the select! in the watch loop builds every branch's
+/// future on every turn, enabled or not, and its future lives as long as the tunnel, so an
+/// inline `Sleep` would cost every idle tunnel its size twice over.
+async fn sleep_boxed(d: Duration) {
+    Box::pin(tokio::time::sleep(d)).await;
+}
+
+/// [`sleep_boxed`] to a deadline.
+async fn sleep_until_boxed(t: tokio::time::Instant) {
+    Box::pin(tokio::time::sleep_until(t)).await;
+}
+
 type PumpFuture<'f> = Pin<Box<dyn Future<Output = Result<(), PumpError>> + Send + 'f>>;
 
 async fn run_pump(pump: &mut Option<PumpFuture<'_>>) -> Result<(), PumpError> {
@@ -293,11 +305,16 @@ impl Closes<'_> {
     /// time; never resolves while no side wants anything.
     async fn next(&self, wants: [Want; 2]) -> io::Result<Vec<(Side, Close)>> {
         match self {
+            // Boxed: the watch loop's future lives as long as the tunnel, and only tunnels with
+            // a socket userspace pumps come here.
             Closes::Reactor { client, upstream } => {
-                tokio::select! {
-                    c = watch_reactor(client, wants[0]) => Ok(vec![(Side::Client, c)]),
-                    c = watch_reactor(upstream, wants[1]) => Ok(vec![(Side::Upstream, c)]),
-                }
+                Box::pin(async {
+                    tokio::select! {
+                        c = watch_reactor(client, wants[0]) => Ok(vec![(Side::Client, c)]),
+                        c = watch_reactor(upstream, wants[1]) => Ok(vec![(Side::Upstream, c)]),
+                    }
+                })
+                .await
             }
             Closes::Shared(watch) => loop {
                 let mut closes = Vec::new();
