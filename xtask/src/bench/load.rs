@@ -495,25 +495,54 @@ pub fn ping_pong(ep: &Endpoint, sink: SocketAddr, size: usize, dur: Duration) ->
 }
 
 pub struct IdleResult {
+    /// Tunnels held open: as many as asked for, or fewer where the proxy could take no more.
     pub tunnels: usize,
+    /// The proxy's open-file limit (soft), from /proc/PID/limits.
+    pub fd_limit: Option<u64>,
+    /// Why fewer tunnels than asked for were opened (the first failure).
+    pub stopped: Option<String>,
     /// Userspace RSS growth of the proxy process, KiB per tunnel.
     pub rss_kib_per_tunnel: f64,
     /// Growth of the kernel's TCP memory (all sockets on the host, both ends), KiB per tunnel.
     pub tcp_mem_kib_per_tunnel: f64,
+    /// Growth of the kernel's slab memory (host-wide: the proxy's two sockets, pipes and epoll
+    /// items, and the client's and sink's sockets), KiB per tunnel.
+    pub slab_kib_per_tunnel: f64,
 }
 
-/// Opens `n` tunnels that stay idle, measures, closes them.
+/// Fewest idle tunnels a measurement is made with: a proxy that takes fewer fails the run.
+const MIN_IDLE: usize = 200;
+
+/// Opens up to `n` tunnels that stay idle (fewer when the proxy stops taking them, typically at
+/// its open-file limit, but at least [`MIN_IDLE`]), measures, closes them.
 pub fn idle(ep: &Endpoint, sink: &Sink, n: usize, pid: u32) -> Result<IdleResult> {
     sink.release_held();
     thread::sleep(Duration::from_millis(200));
+    let fd_limit = sys::nofile_limit(pid);
+    // This process holds both ends of every tunnel (client and sink): it must not be the one
+    // that runs out of files.
+    let own = sys::nofile_limit(std::process::id()).unwrap_or(1024) as usize;
+    let n = n.min(own.saturating_sub(512) / 2);
     let rss0 = sys::rss_kib(pid);
     let mem0 = sys::tcp_mem_pages();
+    let slab0 = sys::slab_kib();
     let mut conns = Vec::with_capacity(n);
+    let mut stopped = None;
     for i in 0..n {
-        let mut c = open(ep, sink.addr).with_context(|| format!("idle tunnel {i}"))?;
-        c.write_all(b"H")?;
-        conns.push(c);
+        let opened = open(ep, sink.addr).and_then(|mut c| {
+            c.write_all(b"H")?;
+            Ok(c)
+        });
+        match opened {
+            Ok(c) => conns.push(c),
+            Err(e) if i >= MIN_IDLE => {
+                stopped = Some(format!("tunnel {} failed: {e:#}", i + 1));
+                break;
+            }
+            Err(e) => return Err(e).with_context(|| format!("idle tunnel {i}")),
+        }
     }
+    let n = conns.len();
     let deadline = Instant::now() + Duration::from_secs(30);
     while sink.held() < n {
         if Instant::now() > deadline {
@@ -524,13 +553,17 @@ pub fn idle(ep: &Endpoint, sink: &Sink, n: usize, pid: u32) -> Result<IdleResult
     thread::sleep(Duration::from_millis(300));
     let rss1 = sys::rss_kib(pid);
     let mem1 = sys::tcp_mem_pages();
+    let slab1 = sys::slab_kib();
     for c in conns {
         close_now(c);
     }
     sink.release_held();
     Ok(IdleResult {
         tunnels: n,
+        fd_limit,
+        stopped,
         rss_kib_per_tunnel: (rss1 as f64 - rss0 as f64) / n as f64,
         tcp_mem_kib_per_tunnel: (mem1 as f64 - mem0 as f64) * sys::page_kib() / n as f64,
+        slab_kib_per_tunnel: (slab1 as f64 - slab0 as f64) / n as f64,
     })
 }

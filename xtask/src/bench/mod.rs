@@ -91,7 +91,9 @@ pub struct Opts {
     /// (default 4, or 1 with --quick).
     #[arg(long)]
     pub shaped_secs: Option<f64>,
-    /// Idle tunnels opened at once (default 2000, or 200 with --quick).
+    /// Idle tunnels to open at once (default 10000, or 200 with --quick); fewer where a proxy
+    /// takes no more (its open-file limit: splice needs four fds per tunnel, the others two),
+    /// with the count reached and the limit printed.
     #[arg(long)]
     pub idle_tunnels: Option<usize>,
     /// MiB of large files in the rsync tree (default 1024, or 64 with --quick), plus small files
@@ -101,8 +103,8 @@ pub struct Opts {
     /// Concurrent clients in the handshake scenario.
     #[arg(long, default_value_t = 50)]
     pub clients: usize,
-    /// Extra flag for every splice-proxy target, repeatable, e.g. `--proxy-arg=--max-conns-per-ip
-    /// --proxy-arg=0` for more than 4,096 idle tunnels (all come from one loopback address).
+    /// Extra flag for every splice-proxy target, repeatable, e.g. `--proxy-arg=--idle-timeout
+    /// --proxy-arg=30s`.
     #[arg(long, allow_hyphen_values = true)]
     pub proxy_arg: Vec<String>,
     /// Seconds to wait for a proxy to start and pass one CONNECT.
@@ -126,7 +128,7 @@ impl Opts {
     }
     pub fn idle_tunnels(&self) -> usize {
         self.idle_tunnels
-            .unwrap_or(if self.quick { 200 } else { 2000 })
+            .unwrap_or(if self.quick { 200 } else { 10_000 })
     }
     pub fn rsync_tree(&self) -> (u64, usize) {
         let mib = self.rsync_mib.unwrap_or(if self.quick { 64 } else { 1024 });
@@ -434,9 +436,25 @@ fn measure(
             // No proxy process to weigh for direct.
             let Some(pid) = t.pid() else { return Ok(None) };
             let r = load::idle(&t.endpoint, sink, opts.idle_tunnels(), pid)?;
+            let limit = r.fd_limit.map_or("unknown".into(), |l| l.to_string());
+            match &r.stopped {
+                Some(why) => eprintln!(
+                    "bench: idle on {}: {} tunnels, then the proxy took no more (its open-file \
+                     limit: {limit}): {why}",
+                    t.name, r.tunnels
+                ),
+                None => eprintln!(
+                    "bench: idle on {}: {} tunnels (the proxy's open-file limit: {limit})",
+                    t.name, r.tunnels
+                ),
+            }
             s.insert("tunnels", r.tunnels as f64);
+            if let Some(l) = r.fd_limit {
+                s.insert("fd_limit", l as f64);
+            }
             s.insert("rss_kib_per_tunnel", r.rss_kib_per_tunnel);
             s.insert("tcp_mem_kib_per_tunnel", r.tcp_mem_kib_per_tunnel);
+            s.insert("slab_kib_per_tunnel", r.slab_kib_per_tunnel);
         }
         other => bail!("unknown scenario {other}"),
     }

@@ -43,8 +43,10 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str, usize)] {
             ("p99_us", "p99 µs", 0),
         ],
         "idle" => &[
+            ("tunnels", "tunnels", 0),
             ("rss_kib_per_tunnel", "proxy RSS KiB/tunnel", 2),
             ("tcp_mem_kib_per_tunnel", "kernel TCP mem KiB/tunnel", 2),
+            ("slab_kib_per_tunnel", "kernel slab KiB/tunnel (host)", 2),
         ],
         s if is_shaped(s) => &[
             ("gbit_s", "Gbit/s", 2),
@@ -131,7 +133,8 @@ fn title(scenario: &str, opts: &Opts) -> String {
             opts.dur().as_secs_f64()
         ),
         "idle" => format!(
-            "{} idle tunnels (RSS growth of the proxy process; kernel TCP memory is host-wide)",
+            "up to {} idle tunnels, fewer where a proxy's open-file limit stops it (RSS growth \
+             of the proxy process; kernel TCP memory is host-wide)",
             opts.idle_tunnels()
         ),
         _ => scenario.to_string(),

@@ -74,6 +74,17 @@ pub fn tcp_mem_pages() -> u64 {
         .unwrap_or(0)
 }
 
+/// The kernel's slab memory in KiB (`Slab:` in /proc/meminfo): sockets, pipes, epoll items,
+/// psocks and the rest of what a tunnel costs the kernel, host-wide.
+pub fn slab_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn page_kib() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let sz = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -209,6 +220,17 @@ fn undo_network() {
             }
         }
     }
+}
+
+/// A process's open-file soft limit, from /proc/PID/limits ("Max open files").
+pub fn nofile_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Raises the open-file soft limit to the hard limit (idle tunnels need two fds each here).
