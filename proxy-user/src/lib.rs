@@ -19,6 +19,7 @@ pub mod keepalive;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod proxy_url;
 pub mod refusal;
 pub mod reload;
 pub mod request;

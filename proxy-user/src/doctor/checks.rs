@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use super::report::{Finding, Outcome};
-use super::url::ProxyUrl;
+use crate::proxy_url::ProxyUrl;
 
 /// Name of this check in the report.
 pub const CONNECT: &str = "connect";

@@ -5,15 +5,14 @@ pub mod checks;
 pub mod report;
 pub mod tls;
 pub mod upgrade;
-pub mod url;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::proxy_url::{self, ProxyUrl};
 use report::Report;
-use url::ProxyUrl;
 
 /// `doctor` flags.
 #[derive(Debug, Args)]
@@ -44,7 +43,7 @@ pub struct DoctorArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
     #[error(transparent)]
-    Url(#[from] url::UrlError),
+    Url(#[from] proxy_url::UrlError),
     #[error("--target {0:?}: expected HOST:PORT with a port from 1 to 65535")]
     Target(String),
     #[error(transparent)]

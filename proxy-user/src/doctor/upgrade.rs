@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::checks::{self, Head};
 use super::report::{Finding, Outcome};
 use super::tls::{self, Ca, CaVerdict, Seen};
-use super::url::ProxyUrl;
+use crate::proxy_url::ProxyUrl;
 
 /// Name of this check in the report.
 pub const UPGRADE: &str = "upgrade";

@@ -1,5 +1,7 @@
 //! `PROXY_URL` as MTC's `stunnel_tcp_proxy` holds it: `http://user:pass@host:port`, parsed the way
 //! MTC parses it (Go's `url.Parse`: the user and password percent-decoded, the port required).
+//! `doctor` reads its proxy this way, and `run --parent-proxy` its parent: one URL, written
+//! alike in both places.
 
 use std::fmt;
 
