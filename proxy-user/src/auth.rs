@@ -13,7 +13,7 @@ use md5::{Digest as _, Md5};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::credentials::{LineError, Users};
+use crate::credentials::{LineError, ParentCredentials, Users};
 use crate::user_dst::UserDestinations;
 
 /// Who is tunnelling: `None` for an anonymous tunnel.
@@ -39,13 +39,16 @@ pub enum SourceKind {
     Htpasswd,
     /// `--user-dst`: the destinations each listed user is limited to.
     UserDestinations,
+    /// `--parent-proxy-credentials`: what this proxy sends to its parent.
+    ParentCredentials,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 3] = [
+    pub const ALL: [SourceKind; 4] = [
         SourceKind::CredentialsFile,
         SourceKind::Htpasswd,
         SourceKind::UserDestinations,
+        SourceKind::ParentCredentials,
     ];
 
     /// The flag that names the file.
@@ -54,6 +57,7 @@ impl SourceKind {
             SourceKind::CredentialsFile => "--credentials-file",
             SourceKind::Htpasswd => "--htpasswd",
             SourceKind::UserDestinations => "--user-dst",
+            SourceKind::ParentCredentials => "--parent-proxy-credentials",
         }
     }
 
@@ -63,6 +67,7 @@ impl SourceKind {
             SourceKind::CredentialsFile => "credentials_file",
             SourceKind::Htpasswd => "htpasswd",
             SourceKind::UserDestinations => "user_dst",
+            SourceKind::ParentCredentials => "parent_credentials",
         }
     }
 }
@@ -73,6 +78,7 @@ impl std::fmt::Display for SourceKind {
             SourceKind::CredentialsFile => "credentials file",
             SourceKind::Htpasswd => "htpasswd",
             SourceKind::UserDestinations => "user destinations",
+            SourceKind::ParentCredentials => "parent proxy credentials",
         })
     }
 }
@@ -154,6 +160,15 @@ impl UserFile for UserDestinations {
     }
 }
 
+impl UserFile for ParentCredentials {
+    fn parse(text: &str) -> Result<ParentCredentials, LineError> {
+        ParentCredentials::parse(text)
+    }
+    fn len(&self) -> usize {
+        usize::from(self.pair.is_some())
+    }
+}
+
 impl<T: UserFile> Source<T> {
     fn load(kind: SourceKind, path: &Path) -> Result<Source<T>, LoadError> {
         let source = Source {
@@ -214,6 +229,8 @@ pub struct Authenticator {
     htpasswd: Option<Source<Htpasswd>>,
     /// `--user-dst`: not a source of users, but reloaded with them.
     user_dst: Option<Source<UserDestinations>>,
+    /// `--parent-proxy-credentials`: not users of this proxy either; reloaded the same way.
+    parent: Option<Source<ParentCredentials>>,
     anonymous: bool,
 }
 
@@ -240,8 +257,23 @@ impl Authenticator {
             credentials_file,
             htpasswd,
             user_dst,
+            parent: None,
             anonymous,
         })
+    }
+
+    /// Adds the file of the credentials sent to the parent proxy; reads it once.
+    pub fn with_parent_credentials(mut self, path: Option<&Path>) -> Result<Self, LoadError> {
+        self.parent = path
+            .map(|p| Source::load(SourceKind::ParentCredentials, p))
+            .transpose()?;
+        Ok(self)
+    }
+
+    /// The parent proxy's credentials in force (`--parent-proxy-credentials`), a snapshot a
+    /// reload does not change; `None` without the flag.
+    pub fn parent_credentials(&self) -> Option<Arc<ParentCredentials>> {
+        self.parent.as_ref().map(Source::get)
     }
 
     fn has_users(&self) -> bool {
@@ -254,6 +286,7 @@ impl Authenticator {
             SourceKind::CredentialsFile => self.credentials_file.as_ref().map(|s| s.path.as_path()),
             SourceKind::Htpasswd => self.htpasswd.as_ref().map(|s| s.path.as_path()),
             SourceKind::UserDestinations => self.user_dst.as_ref().map(|s| s.path.as_path()),
+            SourceKind::ParentCredentials => self.parent.as_ref().map(|s| s.path.as_path()),
         }
     }
 
@@ -272,6 +305,10 @@ impl Authenticator {
                 .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
             SourceKind::UserDestinations => self
                 .user_dst
+                .as_ref()
+                .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
+            SourceKind::ParentCredentials => self
+                .parent
                 .as_ref()
                 .map_or(Ok(Reloaded::NotConfigured), |s| s.reload(skip_unchanged)),
         }

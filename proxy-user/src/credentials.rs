@@ -62,40 +62,13 @@ impl Users {
     /// is not a user is an error naming the line: no `:`, an empty user or
     /// password, space around the user name, a user listed twice.
     pub fn parse_file(text: &str) -> Result<Users, LineError> {
-        let mut first_seen: HashMap<&str, usize> = HashMap::new();
-        let mut entries = Vec::new();
-        for (i, line) in text.split('\n').enumerate() {
-            let n = i + 1;
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            if line.trim().is_empty() || line.trim_start().starts_with('#') {
-                continue;
-            }
-            let (user, pass) = line
-                .split_once(':')
-                .ok_or_else(|| LineError::new(n, "expected user:password"))?;
-            if user.is_empty() {
-                return Err(LineError::new(n, "empty user name"));
-            }
-            if user.trim() != user {
-                return Err(LineError::new(n, "space before or after the user name"));
-            }
-            if pass.is_empty() {
-                return Err(LineError::new(
-                    n,
-                    format!("empty password for user {user:?}"),
-                ));
-            }
-            if let Some(first) = first_seen.insert(user, n) {
-                return Err(LineError::new(
-                    n,
-                    format!("user {user:?} again (first on line {first})"),
-                ));
-            }
-            entries.push(Entry {
+        let entries = user_pass_lines(text)?
+            .into_iter()
+            .map(|(_, user, pass)| Entry {
                 name_digest: digest(user.as_bytes()),
                 pass_digest: digest(pass.as_bytes()),
-            });
-        }
+            })
+            .collect();
         Ok(Users { entries })
     }
 
@@ -116,6 +89,83 @@ impl Users {
             ok |= entry.name_digest.ct_eq(&u) & entry.pass_digest.ct_eq(&p);
         }
         bool::from(ok)
+    }
+}
+
+/// The `user:pass` lines of a credentials file, with their line numbers: one a line, split at
+/// the first `:` (the password may contain more). Blank lines and lines starting with `#` are
+/// skipped; a trailing `\r` is dropped. Anything else that is not a user is an error naming the
+/// line: no `:`, an empty user or password, space around the user name, a user listed twice.
+fn user_pass_lines(text: &str) -> Result<Vec<(usize, &str, &str)>, LineError> {
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, line) in text.split('\n').enumerate() {
+        let n = i + 1;
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let (user, pass) = line
+            .split_once(':')
+            .ok_or_else(|| LineError::new(n, "expected user:password"))?;
+        if user.is_empty() {
+            return Err(LineError::new(n, "empty user name"));
+        }
+        if user.trim() != user {
+            return Err(LineError::new(n, "space before or after the user name"));
+        }
+        if pass.is_empty() {
+            return Err(LineError::new(
+                n,
+                format!("empty password for user {user:?}"),
+            ));
+        }
+        if let Some(first) = first_seen.insert(user, n) {
+            return Err(LineError::new(
+                n,
+                format!("user {user:?} again (first on line {first})"),
+            ));
+        }
+        out.push((n, user, pass));
+    }
+    Ok(out)
+}
+
+/// The user and password this proxy sends to its parent (`--parent-proxy-credentials`): a file
+/// of one `user:pass` line, in the `--credentials-file` syntax. Kept in the clear (it is sent),
+/// never printed: `Debug` leaves the password out.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ParentCredentials {
+    /// `None` only for an empty file, which a load refuses.
+    pub pair: Option<(String, String)>,
+}
+
+impl ParentCredentials {
+    pub fn parse(text: &str) -> Result<ParentCredentials, LineError> {
+        let lines = user_pass_lines(text)?;
+        if let Some((n, _, _)) = lines.get(1) {
+            return Err(LineError::new(
+                *n,
+                format!(
+                    "a second user:password line (the first is on line {}); the parent proxy gets one",
+                    lines[0].0
+                ),
+            ));
+        }
+        Ok(ParentCredentials {
+            pair: lines
+                .first()
+                .map(|(_, u, p)| (u.to_string(), p.to_string())),
+        })
+    }
+}
+
+impl std::fmt::Debug for ParentCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.pair {
+            Some((user, _)) => write!(f, "{user}:***"),
+            None => f.write_str("-"),
+        }
     }
 }
 
@@ -166,5 +216,19 @@ mod tests {
         assert!(u.verify("u", "p:q"));
         assert!(!u.verify("u", "p"));
         assert!(!u.verify("p", "u"));
+    }
+
+    #[test]
+    fn parent_credentials_are_one_line_and_never_debug_printed() {
+        let c = ParentCredentials::parse("# the parent\r\nup:s3cr:et\r\n").unwrap();
+        assert_eq!(c.pair, Some(("up".into(), "s3cr:et".into())));
+        assert_eq!(format!("{c:?}"), "up:***");
+        assert_eq!(ParentCredentials::parse("").unwrap().pair, None);
+        let e = ParentCredentials::parse("a:secret\n\nb:secret\n").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.reason.contains("first is on line 1"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = ParentCredentials::parse("nocolon-secret\n").unwrap_err();
+        assert_eq!((e.line, e.reason.as_str()), (1, "expected user:password"));
     }
 }
