@@ -17,10 +17,14 @@ pub struct Record {
     pub user: Option<String>,
     pub target: Option<String>,
     pub resolved: Option<SocketAddr>,
+    /// The parent proxy the tunnel goes through (`host:port`); `None`: connected directly.
+    pub parent: Option<String>,
     /// The status written on the wire; `None` when the connection closed silently.
     pub status: Option<u16>,
     /// Bytes that came with the request head and were forwarded before the tunnel.
     pub early_bytes: u64,
+    /// Bytes the parent proxy sent after its 2xx, written to the client behind the `200`.
+    pub early_down: u64,
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
 }
@@ -34,8 +38,10 @@ impl Record {
             user: None,
             target: None,
             resolved: None,
+            parent: None,
             status: None,
             early_bytes: 0,
+            early_down: 0,
             outcome: None,
             error: None,
         }
@@ -61,7 +67,7 @@ impl Record {
             .as_ref()
             .map(|o| (o.bytes_up, o.bytes_down))
             .unwrap_or_default();
-        (up + self.early_bytes, down)
+        (up + self.early_bytes, down + self.early_down)
     }
 
     /// Logs the event, and counts the tunnel's end and bytes in `metrics`.
@@ -85,6 +91,7 @@ impl Record {
             user = self.user.as_deref().unwrap_or("-"),
             target = self.target.as_deref().unwrap_or("-"),
             resolved = %self.resolved.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            parent = self.parent.as_deref().unwrap_or("-"),
             status = self.status.unwrap_or(0),
             bytes_up,
             bytes_down,

@@ -13,7 +13,9 @@ use crate::cidr::IpNet;
 use crate::duration::{parse_duration, parse_duration_nonzero};
 use crate::keepalive::Keepalive;
 use crate::limits::Limits;
+use crate::parent::Parent;
 use crate::policy::{DstPattern, Policy, PortSet};
+use crate::proxy_url::ProxyUrl;
 use crate::server::Settings;
 pub use crate::tunnel::ModeArg;
 use crate::tunnel::holds::{Backlog, Overrun};
@@ -161,6 +163,39 @@ pub struct RunArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz here. Off unless given.
     #[arg(long = "metrics-listen", value_name = "ADDR:PORT", env = "SPLICE_PROXY_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Parent proxy that every tunnel goes through (but --parent-proxy-bypass destinations):
+    /// http://[USER:PASS@]HOST:PORT, percent-encoded as in MTC's stunnel_tcp_proxy. Names
+    /// sent to it are resolved by it, not here.
+    #[arg(long = "parent-proxy", value_name = "URL", env = "SPLICE_PROXY_PARENT_PROXY",
+          hide_env_values = true, value_parser = parse_raw_url)]
+    pub parent_proxy: Option<RawUrl>,
+
+    /// File of one `user:pass` line sent to the parent proxy (Basic); reloaded on SIGHUP and
+    /// when it changes. Instead of credentials in the --parent-proxy URL.
+    #[arg(long = "parent-proxy-credentials", value_name = "FILE")]
+    pub parent_proxy_credentials: Option<PathBuf>,
+
+    /// Destination connected directly rather than through the parent (repeatable): host,
+    /// *.suffix, IP or CIDR, matched on the target as the client wrote it (a network matches
+    /// address literals: names are not resolved to decide).
+    #[arg(long = "parent-proxy-bypass", value_name = "PATTERN", value_parser = parse_dst)]
+    pub parent_proxy_bypass: Vec<DstPattern>,
+}
+
+/// `--parent-proxy` as given, parsed in [`RunArgs::validate`]: a clap value parser's error
+/// would echo the value, password included. `Debug` never shows it.
+#[derive(Clone)]
+pub struct RawUrl(String);
+
+impl std::fmt::Debug for RawUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawUrl(..)")
+    }
+}
+
+fn parse_raw_url(s: &str) -> Result<RawUrl, String> {
+    Ok(RawUrl(s.to_string()))
 }
 
 /// The validated configuration of `splice-proxy run`.
@@ -193,6 +228,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub metrics_listen: Option<SocketAddr>,
+    /// `--parent-proxy`; its `Debug` and `Display` mask the password.
+    pub parent_proxy: Option<ProxyUrl>,
+    pub parent_proxy_credentials: Option<PathBuf>,
+    pub parent_proxy_bypass: Vec<DstPattern>,
 }
 
 /// A configuration error: a one-line message that names the flag.
@@ -224,6 +263,7 @@ impl RunArgs {
             ("--credentials-file", &self.credentials_file),
             ("--htpasswd", &self.htpasswd),
             ("--user-dst", &self.user_dst),
+            ("--parent-proxy-credentials", &self.parent_proxy_credentials),
         ] {
             if let Some(path) = path {
                 if let Err(e) = std::fs::metadata(path) {
@@ -237,6 +277,25 @@ impl RunArgs {
                     "--metrics-listen {m}: also a --listen address"
                 )));
             }
+        }
+        let parent_proxy = self.parent_proxy.as_ref().map(check_parent).transpose()?;
+        match &parent_proxy {
+            None if !self.parent_proxy_bypass.is_empty() => {
+                return Err(ConfigError(
+                    "--parent-proxy-bypass: there is no --parent-proxy to bypass".into(),
+                ));
+            }
+            None if self.parent_proxy_credentials.is_some() => {
+                return Err(ConfigError(
+                    "--parent-proxy-credentials: there is no --parent-proxy to send them to".into(),
+                ));
+            }
+            Some(url) if url.user.is_some() && self.parent_proxy_credentials.is_some() => {
+                return Err(ConfigError(format!(
+                    "--parent-proxy-credentials: {url} holds credentials already; give them in one place"
+                )));
+            }
+            _ => {}
         }
         let allow_port = if self.allow_port.is_empty() {
             PortSet::single(443)
@@ -266,8 +325,16 @@ impl RunArgs {
             shutdown_grace: self.shutdown_grace,
             log_format: self.log_format,
             metrics_listen: self.metrics_listen,
+            parent_proxy,
+            parent_proxy_credentials: self.parent_proxy_credentials,
+            parent_proxy_bypass: self.parent_proxy_bypass,
         })
     }
+}
+
+/// Parses `--parent-proxy`; an error names the flag and never holds the password.
+fn check_parent(raw: &RawUrl) -> Result<ProxyUrl, ConfigError> {
+    ProxyUrl::parse(&raw.0).map_err(|e| ConfigError(format!("--parent-proxy: {e}")))
 }
 
 impl Config {
@@ -285,6 +352,10 @@ impl Config {
             idle_timeout: self.idle_timeout,
             keepalive: self.tcp_keepalive,
             max_tunnels: self.max_tunnels,
+            parent: self
+                .parent_proxy
+                .clone()
+                .map(|url| Parent::new(url, self.parent_proxy_bypass.clone())),
         }
     }
 
@@ -532,5 +603,83 @@ mod tests {
             let e = run_args(args).unwrap_err();
             assert!(e.lines().next().unwrap().contains(flag), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn parent_proxy_flags() {
+        let c = run_args(&[
+            "--parent-proxy",
+            "http://up:s3cr%3Aet@proxy.corp:3128",
+            "--parent-proxy-bypass",
+            "*.svc.cluster.local",
+            "--parent-proxy-bypass",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        let url = c.parent_proxy.clone().unwrap();
+        assert_eq!(url.password.as_deref(), Some("s3cr:et"));
+        assert_eq!(c.parent_proxy_bypass.len(), 2);
+        assert!(!format!("{c:?}").contains("s3cr"), "{c:?}");
+        assert!(c.server_settings().parent.is_some());
+        assert!(run_args(&[]).unwrap().server_settings().parent.is_none());
+
+        let file = std::env::temp_dir().join(format!("splice-parent-{}", std::process::id()));
+        std::fs::write(&file, "up:pw\n").unwrap();
+        let f = file.to_str().unwrap();
+        let c = run_args(&[
+            "--parent-proxy",
+            "http://proxy.corp:3128",
+            "--parent-proxy-credentials",
+            f,
+        ])
+        .unwrap();
+        assert_eq!(c.parent_proxy_credentials.as_deref(), Some(file.as_path()));
+        for (args, needle) in [
+            (
+                &["--parent-proxy-bypass", "a.example"][..],
+                "no --parent-proxy to bypass",
+            ),
+            (
+                &["--parent-proxy-credentials", f][..],
+                "no --parent-proxy to send them to",
+            ),
+            (
+                &[
+                    "--parent-proxy",
+                    "http://u:hunter2@proxy.corp:3128",
+                    "--parent-proxy-credentials",
+                    f,
+                ][..],
+                "in one place",
+            ),
+            (
+                &["--parent-proxy", "http://u:hunter2@proxy.corp"][..],
+                "no port",
+            ),
+            (
+                &["--parent-proxy", "https://u:hunter2@proxy.corp:1"][..],
+                "http://",
+            ),
+            (
+                &["--parent-proxy", "http://u:hunter2%zz@proxy.corp:1"][..],
+                "percent",
+            ),
+            (
+                &[
+                    "--parent-proxy",
+                    "http://proxy.corp:1",
+                    "--parent-proxy-credentials",
+                    "/nonexistent/c",
+                ][..],
+                "/nonexistent/c",
+            ),
+        ] {
+            let e = run_args(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+            assert!(e.starts_with("--parent-proxy"), "{args:?}: {e}");
+            assert!(!e.contains("hunter2"), "{args:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        std::fs::remove_file(&file).unwrap();
     }
 }

@@ -18,6 +18,7 @@ pub mod ebpf;
 pub mod keepalive;
 pub mod limits;
 pub mod metrics;
+pub mod parent;
 pub mod policy;
 pub mod proxy_url;
 pub mod refusal;

@@ -113,7 +113,9 @@ fn run(cfg: Config) -> ExitCode {
         cfg.htpasswd.as_deref(),
         cfg.user_dst.as_deref(),
         cfg.allow_anonymous,
-    ) {
+    )
+    .and_then(|a| a.with_parent_credentials(cfg.parent_proxy_credentials.as_deref()))
+    {
         Ok(a) => Arc::new(a),
         // Names the flag, the file and the line.
         Err(e) => return config_error(e),
@@ -172,6 +174,9 @@ async fn serve(
     if let tunnel::DataPath::Sockmap(sockmap) = &selection.datapath {
         metrics.register_program_stats(sockmap.kernel_stats());
     }
+    if cfg.parent_proxy.is_some() {
+        metrics.expect_parent();
+    }
     let metrics = Arc::new(metrics);
     let proxy = Arc::new(Proxy::new(
         cfg.server_settings(),
@@ -193,6 +198,7 @@ async fn serve(
         mode = %mode,
         users = auth_summary(&cfg),
         allow_src = src_summary(&cfg),
+        parent_proxy = cfg.parent_proxy.as_ref().map_or("-".to_string(), |u| u.to_string()),
         tcp_keepalive = cfg.tcp_keepalive.map_or("off".to_string(), |k| k.to_string()),
         "splice-proxy ready"
     );

@@ -72,6 +72,11 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 /// Every way a tunnel can end, so each series exists from the start.
 const ENDS: [End; 6] = [
     End::Closed,
@@ -104,6 +109,7 @@ pub struct Metrics {
     accept_errors: Family<KindLabels, Counter>,
     credential_reloads: Family<ReloadLabels, Counter>,
     credentials_loaded: Family<SourceLabels, Gauge<f64, AtomicU64>>,
+    parent_connects: Family<ResultLabels, Counter>,
     handshake: Histogram,
     /// Registered with the program's counters (sockmap only).
     sockmap_relays: Counter,
@@ -128,6 +134,7 @@ impl Metrics {
             accept_errors: Family::default(),
             credential_reloads: Family::default(),
             credentials_loaded: Family::default(),
+            parent_connects: Family::default(),
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
             sockmap_relays: Counter::default(),
             sockmap_detaches: Counter::default(),
@@ -230,6 +237,12 @@ impl Metrics {
             m.credentials_loaded.clone(),
         );
         registry.register(
+            "splice_proxy_parent_connects",
+            "Tunnels asked of the parent proxy (--parent-proxy), by result: ok (2xx), refused \
+             (another status), unreachable, timeout, protocol (no valid answer)",
+            m.parent_connects.clone(),
+        );
+        registry.register(
             "splice_proxy_handshake_seconds",
             "Time from accept to the 200 written",
             m.handshake.clone(),
@@ -311,6 +324,20 @@ impl Metrics {
         if ok {
             self.credentials_loaded(source);
         }
+    }
+
+    /// Every series of `splice_proxy_parent_connects_total`, at 0: a parent is configured.
+    pub fn expect_parent(&self) {
+        for result in crate::parent::RESULTS {
+            let _ = self.parent_connects.get_or_create(&ResultLabels { result });
+        }
+    }
+
+    /// The parent proxy was asked for a tunnel; `result` is one of [`crate::parent::RESULTS`].
+    pub fn parent_connected(&self, result: &'static str) {
+        self.parent_connects
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// A request was answered with `status` (200 included).

@@ -54,6 +54,15 @@ impl DstPattern {
         })
     }
 
+    /// Whether `target`'s host, as the client wrote it, matches: a name by the name patterns,
+    /// an address literal by the networks. Nothing is resolved.
+    pub fn matches(&self, target: &Target) -> bool {
+        match &target.host {
+            Host::Name(name) => self.matches_name(name),
+            Host::Ip(ip) => self.matches_addr(canonical(*ip)),
+        }
+    }
+
     fn matches_name(&self, name: &str) -> bool {
         match self {
             DstPattern::Name(n) => n == name,
@@ -142,6 +151,10 @@ pub enum Denied {
     Address(String),
     #[error("{0} resolves only to addresses that are not allowed")]
     Addresses(String),
+    /// A name that only an address pattern could allow, on its way to the parent proxy, which
+    /// resolves it: this proxy has no address to check.
+    #[error("destination {0} is allowed only by address, and the parent proxy resolves it")]
+    Unresolved(String),
     /// Allowed by `--allow-dst`, but not one of the authenticated user's own destinations
     /// (`--user-dst`).
     #[error("{0}, for this user (--user-dst)")]
@@ -212,6 +225,19 @@ impl Policy {
             // the addresses it resolves to, when IP patterns exist.
             Host::Name(name) if self.name_allowed(name) || self.has_nets() => Ok(()),
             Host::Name(name) => Err(Denied::Name(name.clone())),
+        }
+    }
+
+    /// The check for a destination the parent proxy connects to (`--parent-proxy`): the port
+    /// and an IP literal as [`Policy::check_target`] checks them; a name is not resolved here,
+    /// so only a name pattern can allow it (or no pattern at all): address patterns and the
+    /// loopback / link-local rule have no address to judge.
+    pub fn check_unresolved(&self, target: &Target) -> Result<(), Denied> {
+        match &target.host {
+            Host::Name(name) if self.ports.contains(target.port) && !self.name_allowed(name) => {
+                Err(Denied::Unresolved(name.clone()))
+            }
+            _ => self.check_target(target),
         }
     }
 
@@ -387,5 +413,43 @@ mod tests {
         assert!(v6_any.check_target(&target("192.0.2.1:443")).is_err());
         assert!(DstPattern::parse("10.0.0.0/33").is_err());
         assert!(DstPattern::parse("a b").is_err());
+    }
+
+    #[test]
+    fn a_name_for_the_parent_is_allowed_by_name_patterns_only() {
+        let t = |s: &str| crate::request::parse_authority(s).unwrap();
+        let nets_only = Policy::new(
+            vec![DstPattern::parse("10.0.0.0/8").unwrap()],
+            PortSet::single(443),
+        );
+        // Locally a name waits for its addresses; for the parent it cannot.
+        assert_eq!(nets_only.check_target(&t("db.example:443")), Ok(()));
+        assert_eq!(
+            nets_only.check_unresolved(&t("db.example:443")),
+            Err(Denied::Unresolved("db.example".into()))
+        );
+        // Literals and ports are judged as ever.
+        assert_eq!(nets_only.check_unresolved(&t("10.1.2.3:443")), Ok(()));
+        assert_eq!(
+            nets_only.check_unresolved(&t("192.0.2.1:443")),
+            Err(Denied::Address("192.0.2.1".into()))
+        );
+        assert_eq!(
+            nets_only.check_unresolved(&t("db.example:80")),
+            Err(Denied::Port(80))
+        );
+        let names = Policy::new(
+            vec![
+                DstPattern::parse("*.example.com").unwrap(),
+                DstPattern::parse("10.0.0.0/8").unwrap(),
+            ],
+            PortSet::single(443),
+        );
+        assert_eq!(names.check_unresolved(&t("a.example.com:443")), Ok(()));
+        assert!(names.check_unresolved(&t("other.test:443")).is_err());
+        // No pattern: any name (the parent resolves it, loopback rules included).
+        let any = Policy::new(vec![], PortSet::single(443));
+        assert_eq!(any.check_unresolved(&t("localhost:443")), Ok(()));
+        assert!(any.check_unresolved(&t("127.0.0.1:443")).is_err());
     }
 }

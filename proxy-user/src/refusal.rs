@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::auth::AuthError;
 use crate::limits::Limit;
+use crate::parent::{ParentError, ParentFailure};
 use crate::policy::Denied;
 use crate::request::{MAX_HEAD, RequestError};
 use crate::tunnel::Mode;
@@ -81,7 +82,11 @@ pub enum ProxyError {
     ConnectionLimitReached,
     HttpRequestError,
     HttpRequestDenied,
+    HttpResponseIncomplete,
+    HttpResponseTimeout,
+    HttpProtocolError,
     ProxyInternalError,
+    ProxyConfigurationError,
 }
 
 impl ProxyError {
@@ -99,7 +104,11 @@ impl ProxyError {
             ProxyError::ConnectionLimitReached => "connection_limit_reached",
             ProxyError::HttpRequestError => "http_request_error",
             ProxyError::HttpRequestDenied => "http_request_denied",
+            ProxyError::HttpResponseIncomplete => "http_response_incomplete",
+            ProxyError::HttpResponseTimeout => "http_response_timeout",
+            ProxyError::HttpProtocolError => "http_protocol_error",
             ProxyError::ProxyInternalError => "proxy_internal_error",
+            ProxyError::ProxyConfigurationError => "proxy_configuration_error",
         }
     }
 }
@@ -123,6 +132,9 @@ pub enum Refusal {
     MaxTunnels,
     #[error(transparent)]
     Connect(ConnectError),
+    /// The parent proxy (`--parent-proxy`) did not open the tunnel.
+    #[error(transparent)]
+    Parent(ParentFailure),
     #[error("writing early bytes upstream: {0}")]
     EarlyBytes(io::Error),
     /// The data path could not take the tunnel.
@@ -181,6 +193,7 @@ impl Refusal {
                 "proxy at --max-tunnels; retry later".into(),
             ),
             Refusal::Connect(e) => connect_entry(e),
+            Refusal::Parent(f) => parent_entry(f),
             Refusal::EarlyBytes(_) => (
                 S::BadGateway,
                 E::ConnectionTerminated,
@@ -203,19 +216,26 @@ impl Refusal {
     }
 
     /// The `Proxy-Status` field value (RFC 9209), `details` a quoted
-    /// sf-string.
+    /// sf-string; a refusal of the parent proxy adds `next-hop` and its `received-status`.
     pub fn proxy_status(&self) -> String {
         let (_, error, details) = self.entry();
-        format!(
+        let mut value = format!(
             "splice-proxy; error={}; details={}",
             error.token(),
             quoted(&details)
-        )
+        );
+        if let Refusal::Parent(f) = self {
+            let _ = write!(value, "; next-hop={}", quoted(&f.parent));
+            if let ParentError::Status { code, .. } = f.error {
+                let _ = write!(value, "; received-status={code}");
+            }
+        }
+        value
     }
 
     /// The bytes written on the wire: status line, headers, a short body.
     pub fn response(&self) -> Vec<u8> {
-        let (status, error, details) = self.entry();
+        let (status, _, details) = self.entry();
         let details = printable(&details);
         let body = format!("{} {}\n{details}\n", status.code(), status.reason());
         let mut head = format!("HTTP/1.1 {} {}\r\n", status.code(), status.reason());
@@ -228,10 +248,9 @@ impl Refusal {
         }
         let _ = write!(
             head,
-            "Proxy-Status: splice-proxy; error={}; details={}\r\n\
+            "Proxy-Status: {}\r\n\
              Connection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            error.token(),
-            quoted(&details),
+            self.proxy_status(),
             body.len()
         );
         head.into_bytes()
@@ -280,17 +299,27 @@ fn denied_entry(d: &Denied) -> (Status, ProxyError, String) {
             ProxyError::DestinationIpProhibited,
             format!("{t} resolves only to addresses --allow-dst does not allow"),
         ),
+        Denied::Unresolved(n) => (
+            ProxyError::HttpRequestDenied,
+            format!(
+                "destination {n} matches no --allow-dst name, and the parent proxy resolves it, so \
+                 an address pattern cannot allow it; add the name (or *.suffix) to --allow-dst"
+            ),
+        ),
         Denied::ForUser(inner) => {
             let what = match inner.as_ref() {
                 Denied::Name(n) => format!("destination {n} is"),
                 Denied::Address(a) => format!("address {a} is"),
                 Denied::Addresses(t) => format!("the addresses of {t} are"),
+                Denied::Unresolved(n) => {
+                    format!("destination {n} (resolved by the parent proxy, so by name only) is")
+                }
                 // Users are limited by destination only; ports stay --allow-port's.
                 Denied::Port(p) => format!("port {p} is"),
                 Denied::ForUser(_) => "this destination is".into(),
             };
             let error = match inner.as_ref() {
-                Denied::Name(_) | Denied::Port(_) | Denied::ForUser(_) => {
+                Denied::Name(_) | Denied::Port(_) | Denied::Unresolved(_) | Denied::ForUser(_) => {
                     ProxyError::HttpRequestDenied
                 }
                 Denied::Address(_) | Denied::Addresses(_) => ProxyError::DestinationIpProhibited,
@@ -342,6 +371,66 @@ fn connect_entry(e: &ConnectError) -> (Status, ProxyError, String) {
     }
 }
 
+fn parent_entry(f: &ParentFailure) -> (Status, ProxyError, String) {
+    let parent = &f.parent;
+    match &f.error {
+        ParentError::Connect(e) => {
+            let (status, error, _) = connect_entry(e);
+            let details = match e {
+                ConnectError::Timeout(_) => {
+                    format!("no answer from parent {parent} within --connect-timeout")
+                }
+                _ => format!("parent {parent} not reachable: {e}; check --parent-proxy"),
+            };
+            (status, error, details)
+        }
+        ParentError::Status { code: 407, reason } => (
+            Status::BadGateway,
+            ProxyError::ProxyConfigurationError,
+            format!(
+                "parent {parent} answered 407 {reason}; check the credentials of --parent-proxy \
+                 or --parent-proxy-credentials"
+            ),
+        ),
+        ParentError::Status { code: 403, reason } => (
+            Status::BadGateway,
+            ProxyError::HttpRequestDenied,
+            format!(
+                "parent {parent} answered 403 {reason}: the parent refuses this destination; ask \
+                 its owners, or connect it directly with --parent-proxy-bypass"
+            ),
+        ),
+        ParentError::Status { code, reason } => (
+            Status::BadGateway,
+            ProxyError::DestinationUnavailable,
+            format!("parent {parent} answered {code} {reason}"),
+        ),
+        ParentError::Garbage(why) => (
+            Status::BadGateway,
+            ProxyError::HttpProtocolError,
+            format!(
+                "parent {parent} answered with something that is not an HTTP response ({why}); \
+                 check that --parent-proxy names an HTTP proxy"
+            ),
+        ),
+        ParentError::Closed => (
+            Status::BadGateway,
+            ProxyError::HttpResponseIncomplete,
+            format!("parent {parent} closed the connection before answering the CONNECT"),
+        ),
+        ParentError::Timeout => (
+            Status::GatewayTimeout,
+            ProxyError::HttpResponseTimeout,
+            format!("no answer from parent {parent} within --connect-timeout"),
+        ),
+        ParentError::TooEarly => (
+            Status::BadGateway,
+            ProxyError::HttpProtocolError,
+            format!("parent {parent}: {}", f.error),
+        ),
+    }
+}
+
 /// `s` with every byte outside printable ASCII as `?`: what an sf-string
 /// (and a header line) may hold.
 fn printable(s: &str) -> String {
@@ -384,6 +473,39 @@ mod tests {
 
     fn io_err(kind: io::ErrorKind) -> io::Error {
         io::Error::new(kind, "test")
+    }
+
+    fn parent(error: ParentError) -> Refusal {
+        Refusal::Parent(ParentFailure {
+            parent: "10.0.0.1:3128".into(),
+            error,
+        })
+    }
+
+    #[test]
+    fn a_parent_refusal_names_the_parent_and_its_status_never_credentials() {
+        let r = parent(ParentError::Status {
+            code: 407,
+            reason: "Proxy Authentication Required".into(),
+        });
+        assert_eq!(r.status(), Status::BadGateway);
+        let t = text(&r);
+        let ps = header(&t, "Proxy-Status").unwrap();
+        assert!(
+            ps.starts_with(
+                "splice-proxy; error=proxy_configuration_error; details=\"parent 10.0.0.1:3128 answered 407 "
+            ),
+            "{ps}"
+        );
+        assert!(
+            ps.ends_with("; next-hop=\"10.0.0.1:3128\"; received-status=407"),
+            "{ps}"
+        );
+        let t = text(&parent(ParentError::Timeout));
+        assert!(t.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"), "{t}");
+        let ps = header(&t, "Proxy-Status").unwrap();
+        assert!(ps.ends_with("; next-hop=\"10.0.0.1:3128\""), "{ps}");
+        assert!(ps.contains("no answer from parent 10.0.0.1:3128"), "{ps}");
     }
 
     /// One of every refusal, with the status and error type it must get.
@@ -467,6 +589,66 @@ mod tests {
                 "destination_ip_prohibited",
             ),
             (Refusal::MaxTunnels, 503, "connection_limit_reached"),
+            (
+                Refusal::Denied(Denied::Unresolved("db.example".into())),
+                403,
+                "http_request_denied",
+            ),
+            (
+                parent(ParentError::Status {
+                    code: 407,
+                    reason: "Proxy Authentication Required".into(),
+                }),
+                502,
+                "proxy_configuration_error",
+            ),
+            (
+                parent(ParentError::Status {
+                    code: 403,
+                    reason: "Forbidden".into(),
+                }),
+                502,
+                "http_request_denied",
+            ),
+            (
+                parent(ParentError::Status {
+                    code: 503,
+                    reason: "Service Unavailable".into(),
+                }),
+                502,
+                "destination_unavailable",
+            ),
+            (
+                parent(ParentError::Garbage("invalid token".into())),
+                502,
+                "http_protocol_error",
+            ),
+            (parent(ParentError::Closed), 502, "http_response_incomplete"),
+            (parent(ParentError::Timeout), 504, "http_response_timeout"),
+            (parent(ParentError::TooEarly), 502, "http_protocol_error"),
+            (
+                parent(ParentError::Connect(ConnectError::Refused(
+                    addr,
+                    io_err(io::ErrorKind::ConnectionRefused),
+                ))),
+                502,
+                "connection_refused",
+            ),
+            (
+                parent(ParentError::Connect(ConnectError::Timeout(
+                    "10.0.0.1:3128".into(),
+                ))),
+                504,
+                "connection_timeout",
+            ),
+            (
+                parent(ParentError::Connect(ConnectError::Dns(
+                    "proxy.corp".into(),
+                    io_err(io::ErrorKind::NotFound),
+                ))),
+                502,
+                "dns_error",
+            ),
             (
                 Refusal::Connect(ConnectError::Dns(
                     "no.such".into(),

@@ -18,6 +18,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::keepalive::Keepalive;
 use crate::limits::{Admission, Limits};
 use crate::metrics::Metrics;
+use crate::parent::Parent;
 use crate::policy::{Denied, Policy};
 use crate::refusal::{Refusal, Status};
 use crate::request::{self, RequestError};
@@ -35,6 +36,8 @@ pub struct Proxy {
     /// Set on both sockets of every connection; `None`: off.
     pub keepalive: Option<Keepalive>,
     pub metrics: Arc<Metrics>,
+    /// `--parent-proxy`: tunnels go through it, but those it bypasses.
+    parent: Option<Parent>,
     limits: Limits,
     tunnels: Arc<Semaphore>,
     /// Cancelled when the shutdown grace has run out: open tunnels close.
@@ -75,6 +78,8 @@ pub struct Settings {
     /// `--tcp-keepalive`.
     pub keepalive: Option<Keepalive>,
     pub max_tunnels: usize,
+    /// `--parent-proxy` and `--parent-proxy-bypass`.
+    pub parent: Option<Parent>,
 }
 
 impl Proxy {
@@ -94,6 +99,7 @@ impl Proxy {
             idle_timeout: settings.idle_timeout,
             keepalive: settings.keepalive,
             metrics,
+            parent: settings.parent,
             limits: settings.limits,
             tunnels: Arc::new(Semaphore::new(settings.max_tunnels)),
             close_tunnels: CancellationToken::new(),
@@ -196,19 +202,24 @@ impl Proxy {
         };
         record.user = user;
 
+        // Which way: through the parent proxy (which resolves the name), or directly.
+        let parent = self.parent.as_ref().filter(|p| p.routes(&req.target));
+        record.parent = parent.map(Parent::authority);
+
         // Authorize the destination name and port, then against the user's own destinations
-        // (--user-dst), if it has any.
-        self.policy
-            .check_target(&req.target)
-            .map_err(Refusal::Denied)?;
+        // (--user-dst), if it has any. A name for the parent is judged by name alone.
+        let check = |p: &Policy| match parent {
+            Some(_) => p.check_unresolved(&req.target),
+            None => p.check_target(&req.target),
+        };
+        check(&self.policy).map_err(Refusal::Denied)?;
         let user_dst = self.auth.user_destinations();
         let user_policy = user_dst
             .as_deref()
             .zip(record.user.as_deref())
             .and_then(|(d, user)| d.for_user(user));
         if let Some(p) = user_policy {
-            p.check_target(&req.target)
-                .map_err(|d| Refusal::Denied(Denied::ForUser(Box::new(d))))?;
+            check(p).map_err(|d| Refusal::Denied(Denied::ForUser(Box::new(d))))?;
         }
 
         // Take a tunnel slot.
@@ -218,15 +229,25 @@ impl Proxy {
             .try_acquire_owned()
             .map_err(|_| Refusal::MaxTunnels)?;
 
-        // Connect upstream (every resolved address is checked by the policy).
-        let (mut upstream, resolved) = self
-            .connector
-            .connect(&req.target, &self.policy, user_policy)
-            .await
-            .map_err(|e| {
-                self.metrics.connect_failed(e.kind());
-                Refusal::Connect(e)
-            })?;
+        // Connect upstream (every resolved address is checked by the policy), or have the
+        // parent open the tunnel; the bytes it sent after its 2xx go to the client first.
+        let (mut upstream, resolved, from_parent) = match parent {
+            None => {
+                let (upstream, resolved) = self
+                    .connector
+                    .connect(&req.target, &self.policy, user_policy)
+                    .await
+                    .map_err(|e| {
+                        self.metrics.connect_failed(e.kind());
+                        Refusal::Connect(e)
+                    })?;
+                (upstream, resolved, Vec::new())
+            }
+            Some(parent) => {
+                let opened = Box::pin(self.through_parent(parent, &req.target)).await?;
+                (opened.stream, opened.addr, opened.early)
+            }
+        };
         record.resolved = Some(resolved);
         let _ = upstream.set_nodelay(true);
         self.set_keepalive(&upstream, "upstream");
@@ -250,9 +271,16 @@ impl Proxy {
                 error,
             })?;
 
-        // Reply.
+        // Reply, with what the parent sent after its 2xx right behind, in the same write: before
+        // the data path moves a byte.
+        let reply = if from_parent.is_empty() {
+            std::borrow::Cow::Borrowed(Status::ESTABLISHED)
+        } else {
+            record.early_down = from_parent.len() as u64;
+            std::borrow::Cow::Owned([Status::ESTABLISHED, &from_parent].concat())
+        };
         client
-            .write_all(Status::ESTABLISHED)
+            .write_all(&reply)
             .await
             .map_err(|e| Failed::Silent(format!("writing the 200: {e}")))?;
         admission.handshake_over();
@@ -262,6 +290,30 @@ impl Proxy {
             handoff,
             _permit: permit,
         })
+    }
+
+    /// Asks the parent for a tunnel to `target`, with the credentials in force
+    /// (`--parent-proxy-credentials`, reloaded, else the URL's); counts the result.
+    async fn through_parent(
+        &self,
+        parent: &Parent,
+        target: &crate::request::Target,
+    ) -> Result<crate::parent::Opened, Refusal> {
+        let file = self.auth.parent_credentials();
+        let creds = match file.as_ref().and_then(|c| c.pair.as_ref()) {
+            Some((user, pass)) => Some((user.as_str(), pass.as_str())),
+            None => parent.url_credentials(),
+        };
+        match parent.open(&self.connector, target, creds).await {
+            Ok(opened) => {
+                self.metrics.parent_connected("ok");
+                Ok(opened)
+            }
+            Err(f) => {
+                self.metrics.parent_connected(f.kind());
+                Err(Refusal::Parent(f))
+            }
+        }
     }
 
     /// Keepalive finds a peer that vanished from a quiet tunnel (client sockets inherit it from

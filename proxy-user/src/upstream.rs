@@ -83,23 +83,7 @@ impl Connector {
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let deadline = Instant::now() + self.timeout;
         let timeout = || ConnectError::Timeout(target.to_string());
-        let addrs = match &target.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
-            Host::Name(name) => {
-                let lookup = self.resolver.resolve(name, target.port);
-                match tokio::time::timeout_at(deadline.into(), lookup).await {
-                    Err(_) => return Err(ConnectError::DnsTimeout(name.clone())),
-                    Ok(Err(e)) => return Err(ConnectError::Dns(name.clone(), e)),
-                    Ok(Ok(a)) if a.is_empty() => {
-                        return Err(ConnectError::Dns(
-                            name.clone(),
-                            io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-                        ));
-                    }
-                    Ok(Ok(a)) => a,
-                }
-            }
-        };
+        let addrs = self.addresses(target, deadline).await?;
         // Every address is checked before any SYN is sent: by the global policy, then by the
         // user's own destinations (--user-dst), if it has any.
         let mut addrs = policy.filter_addrs(target, addrs)?;
@@ -112,6 +96,49 @@ impl Connector {
         tokio::time::timeout_at(deadline.into(), race(addrs, ATTEMPT_DELAY))
             .await
             .unwrap_or_else(|_| Err(timeout()))
+    }
+
+    /// Connects to the next hop the operator configured (`--parent-proxy`), by `deadline`:
+    /// its name is resolved here, no destination policy applies, attempts race as for a
+    /// destination.
+    pub async fn connect_next_hop(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        let host = match host.parse() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(host.to_ascii_lowercase()),
+        };
+        let target = Target { host, port };
+        let addrs = interleave(self.addresses(&target, deadline).await?);
+        tokio::time::timeout_at(deadline.into(), race(addrs, ATTEMPT_DELAY))
+            .await
+            .unwrap_or_else(|_| Err(ConnectError::Timeout(target.to_string())))
+    }
+
+    /// The addresses of `target`: its literal, or what the resolver answers by `deadline`.
+    async fn addresses(
+        &self,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<Vec<SocketAddr>, ConnectError> {
+        match &target.host {
+            Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, target.port)]),
+            Host::Name(name) => {
+                let lookup = self.resolver.resolve(name, target.port);
+                match tokio::time::timeout_at(deadline.into(), lookup).await {
+                    Err(_) => Err(ConnectError::DnsTimeout(name.clone())),
+                    Ok(Err(e)) => Err(ConnectError::Dns(name.clone(), e)),
+                    Ok(Ok(a)) if a.is_empty() => Err(ConnectError::Dns(
+                        name.clone(),
+                        io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+                    )),
+                    Ok(Ok(a)) => Ok(a),
+                }
+            }
+        }
     }
 }
 
