@@ -356,6 +356,24 @@ pub fn rsyncd(dir: &Path, module: &str, path: &Path) -> Result<Daemon> {
     Ok(d)
 }
 
+/// Starts tinyproxy in the foreground on 127.0.0.1: no credentials, CONNECT to any port (no
+/// `ConnectPort` line), any loopback client.
+pub fn tinyproxy(dir: &Path) -> Result<Daemon> {
+    let addr = free_addr();
+    let conf = dir.join("tinyproxy.conf");
+    fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {}\nListen 127.0.0.1\nTimeout 600\n\
+             MaxClients 100\nLogLevel Info\nDisableViaHeader Yes\n",
+            addr.port()
+        ),
+    )?;
+    let mut cmd = Command::new("tinyproxy");
+    cmd.args(["-d", "-c"]).arg(&conf);
+    Daemon::spawn("tinyproxy", cmd, dir, addr)
+}
+
 /// Global stunnel options: `foreground = yes` logs to stderr (captured by
 /// [`Daemon`]); `pid =` (empty) writes no pid file.
 const STUNNEL_GLOBAL: &str = "foreground = yes\npid =\nsyslog = no\ndebug = info\n";

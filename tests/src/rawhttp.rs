@@ -182,8 +182,24 @@ pub fn expect_failure(s: &mut TcpStream, r: &Response, status: u16) -> Result<()
 
 /// A refusal's `Proxy-Status` (RFC 9209) as `(error type, details)`: it must
 /// be exactly `splice-proxy; error=<token>; details="<sf-string>"`, the
-/// details printable ASCII with `"` and `\` escaped, and not empty.
+/// details printable ASCII with `"` and `\` escaped, and not empty; only a refusal of the
+/// parent proxy adds parameters after it (`; next-hop="..."; received-status=407`, see
+/// [`proxy_status_params`]).
 pub fn proxy_status(r: &Response) -> Result<(String, String)> {
+    let (error, details, _) = split_proxy_status(r)?;
+    Ok((error, details))
+}
+
+/// The parameters after `details` in a refusal's `Proxy-Status`, as `(name, value)` with a
+/// string value unquoted.
+pub fn proxy_status_params(r: &Response) -> Result<Vec<(String, String)>> {
+    Ok(split_proxy_status(r)?.2)
+}
+
+/// A `Proxy-Status` value taken apart: error type, details, then the parameters after them.
+type ProxyStatusParts = (String, String, Vec<(String, String)>);
+
+fn split_proxy_status(r: &Response) -> Result<ProxyStatusParts> {
     let v = r
         .header("Proxy-Status")
         .with_context(|| format!("{} without Proxy-Status: {:?}", r.status, r.raw))?;
@@ -193,27 +209,49 @@ pub fn proxy_status(r: &Response) -> Result<(String, String)> {
     if error.is_empty() || !error.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
         return Err(bad());
     }
-    let inner = quoted
-        .strip_prefix('"')
-        .and_then(|q| q.strip_suffix('"'))
-        .ok_or_else(bad)?;
-    let mut details = String::new();
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some(e @ ('"' | '\\')) => details.push(e),
-                _ => return Err(bad()),
-            },
-            '"' => return Err(bad()),
-            ' '..='~' => details.push(c),
-            _ => return Err(bad()),
-        }
-    }
+    let (details, mut rest) = sf_string(quoted).ok_or_else(bad)?;
     if details.is_empty() {
         return Err(bad());
     }
-    Ok((error.to_string(), details))
+    let mut params = Vec::new();
+    while let Some(p) = rest.strip_prefix("; ") {
+        let (name, value) = p.split_once('=').ok_or_else(bad)?;
+        if !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+            return Err(bad());
+        }
+        let (value, after) = match sf_string(value) {
+            Some(q) => q,
+            None => {
+                let end = value.find(';').unwrap_or(value.len());
+                (value[..end].to_string(), &value[end..])
+            }
+        };
+        params.push((name.to_string(), value));
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    Ok((error.to_string(), details, params))
+}
+
+/// An sf-string at the start of `s`, unescaped, and what follows it; `None` if malformed.
+fn sf_string(s: &str) -> Option<(String, &str)> {
+    let inner = s.strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = inner.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some((_, e @ ('"' | '\\'))) => out.push(e),
+                _ => return None,
+            },
+            '"' => return Some((out, &inner[i + 1..])),
+            ' '..='~' => out.push(c),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// The error type of a refusal's `Proxy-Status`; panics if malformed.

@@ -72,7 +72,6 @@ pub fn cannot_bump() -> Option<String> {
 /// servers behind it trusted when they chain to `upstream_ca`.
 pub fn start(dir: &Path, mode: SslBump, squid_ca: &Pem, upstream_ca: &Path) -> Result<Daemon> {
     let addr = free_addr();
-    let d = dir.display();
     let db = dir.join("ssl_db");
     run_ok(
         Command::new(certgen())
@@ -113,18 +112,51 @@ pub fn start(dir: &Path, mode: SslBump, squid_ca: &Pem, upstream_ca: &Path) -> R
         "tls_outgoing_options cafile={}",
         upstream_ca.display()
     )?;
+    conf.push_str("http_access allow localhost\nhttp_access deny all\n");
+    spawn(dir, &format!("squid-{action}"), addr, conf)
+}
+
+/// Starts squid as a corporate parent proxy for `--parent-proxy`: a plain CONNECT proxy on
+/// 127.0.0.1 that wants Basic credentials, checked by `basic_ncsa_auth` against `htpasswd`
+/// (407 otherwise), and refuses CONNECTs to `deny_port` (403).
+pub fn start_parent(dir: &Path, htpasswd: &Path, deny_port: u16) -> Result<Daemon> {
+    let addr = free_addr();
+    // squid drops from root to its own user (`proxy`): it must read the htpasswd and write
+    // its logs.
+    run_ok(
+        Command::new("chmod").arg("-R").arg("a+rwX").arg(dir),
+        None,
+        Duration::from_secs(10),
+    )?;
+    let mut conf = String::new();
+    writeln!(conf, "http_port {addr}")?;
+    writeln!(
+        conf,
+        "auth_param basic program {} {}\nauth_param basic realm parent-test\n\
+         acl authed proxy_auth REQUIRED\nacl denied_port port {deny_port}",
+        installed("/usr/lib/squid/basic_ncsa_auth").display(),
+        htpasswd.display()
+    )?;
+    conf.push_str(
+        "http_access deny denied_port\nhttp_access allow localhost authed\nhttp_access deny all\n",
+    );
+    spawn(dir, "squid-parent", addr, conf)
+}
+
+/// Ends `conf` with the settings every test squid shares (no cache, logs in `dir`, a quick
+/// shutdown), writes it and starts squid in the foreground.
+fn spawn(dir: &Path, name: &str, addr: std::net::SocketAddr, mut conf: String) -> Result<Daemon> {
+    let d = dir.display();
     write!(
         conf,
         "pid_filename none\ncache_log {d}/squid-cache.log\naccess_log {d}/squid-access.log\n\
-         cache deny all\ncoredump_dir {d}\nshutdown_lifetime 1 seconds\ndebug_options ALL,1 83,2\n\
-         http_access allow localhost\nhttp_access deny all\n"
+         cache deny all\ncoredump_dir {d}\nshutdown_lifetime 1 seconds\ndebug_options ALL,1 83,2\n"
     )?;
-    let path = dir.join(format!("squid-{action}.conf"));
+    let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, conf)?;
     let mut cmd = Command::new(squid());
     cmd.args(["-N", "-f"]).arg(&path);
-    let mut daemon =
-        Daemon::spawn(&format!("squid-{action}"), cmd, dir, addr).context("start squid")?;
+    let mut daemon = Daemon::spawn(name, cmd, dir, addr).context("start squid")?;
     daemon.add_log_file(dir.join("squid-cache.log"));
     daemon.add_log_file(dir.join("squid-access.log"));
     Ok(daemon)
