@@ -228,7 +228,7 @@ impl Metrics {
         );
         registry.register(
             "splice_proxy_credential_reloads",
-            "Reloads of a credentials file (SIGHUP or a change on disk), by source (credentials_file, htpasswd) and result (ok, error: the previous users stay)",
+            "Reloads of a credentials file (SIGHUP or a change on disk), by source (credentials_file, htpasswd, user_dst, parent_credentials) and result (ok, error: the previous users stay)",
             m.credential_reloads.clone(),
         );
         registry.register(
