@@ -157,8 +157,11 @@ impl Parent {
 
     /// Connects to the parent and asks it for a tunnel to `target`, all within the connector's
     /// timeout. On a 2xx the stream is returned with every byte the parent sent after its head,
-    /// read until its receive queue was seen empty (so no partly read segment is left for a
-    /// data path that forwards whole segments).
+    /// read until its receive queue was seen empty, so no partly read skb is left for the
+    /// sockmap path, whose `tcp_read_skb` hands over whole skbs (docs/kernel-notes.md, defect
+    /// 1, found on the client's side). On 6.18 a partly read skb on this side was measured
+    /// forwarded from where the read stopped; reading to empty costs nothing and does not
+    /// depend on that.
     pub async fn open(
         &self,
         connector: &Connector,
