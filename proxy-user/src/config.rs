@@ -359,6 +359,28 @@ impl Config {
         }
     }
 
+    /// A warning when `--allow-dst` has address patterns and a parent proxy resolves names:
+    /// those patterns then allow address literals only, never a name sent to the parent (it is
+    /// not resolved here). Not an error: literal targets (MTC's NodePorts) are checked exactly.
+    pub fn parent_policy_warning(&self) -> Option<String> {
+        self.parent_proxy.as_ref()?;
+        let nets: Vec<String> = self
+            .allow_dst
+            .iter()
+            .filter(|p| matches!(p, DstPattern::Net(_)))
+            .map(|p| p.to_string())
+            .collect();
+        if nets.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "--allow-dst {}: with --parent-proxy, names are resolved by the parent, so these \
+             allow address literals only; a name through the parent needs a name pattern \
+             (host or *.suffix) in --allow-dst",
+            nets.join(", ")
+        ))
+    }
+
     /// A warning when anonymous tunnels are open to every address that can
     /// reach a non-loopback listener; `None` when `--allow-src` says who may
     /// connect (anonymous by source network is a real mode: stunnel with
@@ -622,6 +644,24 @@ mod tests {
         assert!(!format!("{c:?}").contains("s3cr"), "{c:?}");
         assert!(c.server_settings().parent.is_some());
         assert!(run_args(&[]).unwrap().server_settings().parent.is_none());
+        assert_eq!(c.parent_policy_warning(), None);
+        let nets = run_args(&[
+            "--parent-proxy",
+            "http://proxy.corp:3128",
+            "--allow-dst",
+            "10.0.0.0/8",
+            "--allow-dst",
+            "*.apps.example",
+        ])
+        .unwrap();
+        let w = nets.parent_policy_warning().unwrap();
+        assert!(w.starts_with("--allow-dst 10.0.0.0/8: "), "{w}");
+        assert_eq!(
+            run_args(&["--allow-dst", "10.0.0.0/8"])
+                .unwrap()
+                .parent_policy_warning(),
+            None
+        );
 
         let file = std::env::temp_dir().join(format!("splice-parent-{}", std::process::id()));
         std::fs::write(&file, "up:pw\n").unwrap();

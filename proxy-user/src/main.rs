@@ -165,6 +165,9 @@ async fn serve(
     if let Some(open) = cfg.open_proxy_warning() {
         tracing::warn!("{open}");
     }
+    if let Some(names) = cfg.parent_policy_warning() {
+        tracing::warn!("{names}");
+    }
     let connector = Connector {
         resolver: Arc::new(SystemResolver),
         timeout: cfg.connect_timeout,

@@ -628,3 +628,38 @@ fn torture_byte_checks_through_a_parent_in_every_mode() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn names_for_the_parent_are_not_resolved_here_and_need_a_name_pattern() -> Result<()> {
+    let parent = BannerParent::start()?;
+    let url = format!("http://{}", parent.addr);
+    // The test policy lists only 127.0.0.0/8: it cannot allow a name the parent resolves.
+    let (proxy, _) = child("copy", &url, &[])?;
+    proxy.wait_for_log(
+        "--allow-dst 127.0.0.0/8: with --parent-proxy, names are resolved by the parent",
+        Duration::from_secs(5),
+    )?;
+    let r = refused(&proxy, "db.internal.test:4443", 403)?;
+    let (error, details) = rawhttp::proxy_status(&r)?;
+    ensure!(error == "http_request_denied", "{:?}", r.raw);
+    ensure!(
+        details.starts_with("destination db.internal.test matches no --allow-dst name"),
+        "{details}"
+    );
+    ensure!(parent.accepted.load(Ordering::SeqCst) == 0);
+    drop(proxy);
+
+    // Listed by name, it goes to the parent without a lookup here (the name resolves nowhere:
+    // a local lookup would have been a 502 dns_error).
+    let (proxy, _) = child("copy", &url, &["--allow-dst", "*.internal.test"])?;
+    let mut s = proxy.connect_tunnel("db.internal.test:4443", None)?;
+    let mut got = vec![0u8; BANNER.len()];
+    s.read_exact(&mut got)?;
+    ensure!(got == BANNER);
+    let heads = parent.heads.lock().unwrap().clone();
+    ensure!(
+        heads == ["CONNECT db.internal.test:4443 HTTP/1.1\r\nHost: db.internal.test:4443\r\n\r\n"],
+        "{heads:?}"
+    );
+    Ok(())
+}
