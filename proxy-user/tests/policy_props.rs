@@ -362,7 +362,8 @@ proptest! {
 
     /// The name is looked up once; the addresses the policy refuses are
     /// never connected to; the address connected to is the first allowed
-    /// one that answers, and it is the one reported (and logged).
+    /// one that answers in RFC 8305's order, and it is the one reported
+    /// (and logged).
     #[test]
     fn the_address_connected_to_is_the_address_checked(
         first in rebinding_answer(),
@@ -385,10 +386,18 @@ proptest! {
             .copied()
             .filter(|ip| splice_proxy::cidr::canonical(*ip) != IpAddr::V4(FORBIDDEN.parse().unwrap()))
             .collect();
-        let reachable = checked.iter().find(|ip| splice_proxy::cidr::canonical(**ip) == IpAddr::V4(allowed_ip));
+        // Attempts follow RFC 8305's order (families alternate), so the address that answers
+        // first is the first allowed one in that order, not in the resolver's.
+        let attempt_order = splice_proxy::upstream::interleave(
+            checked.iter().map(|ip| SocketAddr::new(*ip, peers.port)).collect(),
+        );
+        let reachable = attempt_order
+            .iter()
+            .map(|a| a.ip())
+            .find(|ip| splice_proxy::cidr::canonical(*ip) == IpAddr::V4(allowed_ip));
         match (result, reachable) {
             (Ok((stream, addr)), Some(want)) => {
-                prop_assert_eq!(addr, SocketAddr::new(*want, peers.port));
+                prop_assert_eq!(addr, SocketAddr::new(want, peers.port));
                 prop_assert_eq!(stream.peer_addr().unwrap(), addr);
                 // The listener saw exactly that connection.
                 let seen = {
