@@ -1,5 +1,5 @@
-//! Names, limits and `#[repr(C)]` types shared by the splice-proxy eBPF program (`main.rs`) and
-//! userspace (`proxy-user/src/ebpf.rs`, which includes `shared.rs` directly).
+//! The eBPF program is the binary (`main.rs`). This library target exists so `proxy-user` can
+//! name this crate as a build dependency, which makes cargo rebuild the program's object when
+//! anything it is built from changes; the names and types it shares with userspace are in
+//! `proxy-common`.
 #![no_std]
-
-include!("shared.rs");

@@ -19,61 +19,61 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use proxy_ebpf::{
+use proxy_common::{
     Counts, DEFAULT_MAX_SOCKETS, DETACH_BEHIND, DETACH_DONE, DETACH_NOT_ARMED, DETACH_PENDING,
     HOLDS_RING_BYTES, Limit, STATS_INDEX, Stats, WALK_DONE_BYTES,
 };
 
-/// Source socket cookie -> socket to transmit on. See `proxy_ebpf::PEERS_MAP`.
+/// Source socket cookie -> socket to transmit on. See `proxy_common::PEERS_MAP`.
 #[map]
 static PEERS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// Own socket cookie -> socket; the verdict program is attached here. See `proxy_ebpf::ARMED_MAP`.
+/// Own socket cookie -> socket; the verdict program is attached here. See `proxy_common::ARMED_MAP`.
 #[map]
 static ARMED: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// Source socket cookie -> per-direction counters. See `proxy_ebpf::BYTES_MAP`.
+/// Source socket cookie -> per-direction counters. See `proxy_common::BYTES_MAP`.
 #[map]
 static BYTES: HashMap<u64, Counts> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// Source socket cookie -> backlog bound. See `proxy_ebpf::LIMITS_MAP`.
+/// Source socket cookie -> backlog bound. See `proxy_common::LIMITS_MAP`.
 #[map]
 static LIMITS: HashMap<u64, Limit> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// The bound of a direction without a `LIMITS` entry. See `proxy_ebpf::DEFAULT_LIMIT_MAP`.
+/// The bound of a direction without a `LIMITS` entry. See `proxy_common::DEFAULT_LIMIT_MAP`.
 #[map]
 static DEFAULT_LIMIT: Array<Limit> = Array::with_max_entries(1, 0);
 
-/// Source socket cookie -> bytes userspace moved. See `proxy_ebpf::MOVED_MAP`.
+/// Source socket cookie -> bytes userspace moved. See `proxy_common::MOVED_MAP`.
 #[map]
 static MOVED: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// Cookies of sockets that started holding. See `proxy_ebpf::HOLDS_MAP`.
+/// Cookies of sockets that started holding. See `proxy_common::HOLDS_MAP`.
 #[map]
 static HOLDS: RingBuf = RingBuf::with_byte_size(HOLDS_RING_BYTES, 0);
 
-/// Requests of the running walk not answered yet. See `proxy_ebpf::WALK_MAP`.
+/// Requests of the running walk not answered yet. See `proxy_common::WALK_MAP`.
 #[map]
 static WALK: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Offset of `bytes_acked` in the kernel's `struct tcp_sock`, read by userspace from the kernel's
-/// BTF and set before loading (`proxy_ebpf::TCP_SOCK_BYTES_ACKED`). 0: unknown, never hold.
+/// BTF and set before loading (`proxy_common::TCP_SOCK_BYTES_ACKED`). 0: unknown, never hold.
 #[unsafe(no_mangle)]
 static TCP_SOCK_BYTES_ACKED: u32 = 0;
 
-/// Offset of `copied_seq` in `struct tcp_sock` (`proxy_ebpf::TCP_SOCK_COPIED_SEQ`). 0: unknown.
+/// Offset of `copied_seq` in `struct tcp_sock` (`proxy_common::TCP_SOCK_COPIED_SEQ`). 0: unknown.
 #[unsafe(no_mangle)]
 static TCP_SOCK_COPIED_SEQ: u32 = 0;
 
-/// Offset of `TCP_SKB_CB(skb)->seq` in `struct sk_buff` (`proxy_ebpf::SKB_TCP_SEQ`). 0: unknown.
+/// Offset of `TCP_SKB_CB(skb)->seq` in `struct sk_buff` (`proxy_common::SKB_TCP_SEQ`). 0: unknown.
 #[unsafe(no_mangle)]
 static SKB_TCP_SEQ: u32 = 0;
 
-/// Socket cookie -> a request to leave `ARMED`. See `proxy_ebpf::DETACH_MAP`.
+/// Socket cookie -> a request to leave `ARMED`. See `proxy_common::DETACH_MAP`.
 #[map]
 static DETACH: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// Global counters, one slot per CPU. See `proxy_ebpf::STATS_MAP`.
+/// Global counters, one slot per CPU. See `proxy_common::STATS_MAP`.
 #[map]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 

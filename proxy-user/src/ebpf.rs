@@ -3,7 +3,7 @@
 //! `build.rs` compiles `proxy-ebpf` and leaves the object in `OUT_DIR`; [`OBJECT`] embeds it.
 //! [`load`] creates the maps and loads the stream-verdict program, but attaches nothing: the
 //! sockmap data path attaches it to [`ARMED_MAP`] and fills the maps. Names and layouts come from
-//! `proxy-ebpf/src/shared.rs`, compiled into this module so both sides agree.
+//! `proxy-common`, the crate the program is built with too, so both sides agree.
 
 use std::borrow::Borrow;
 use std::io;
@@ -14,23 +14,12 @@ use aya::{
     programs::{ProgramError, SkSkb},
 };
 
-#[path = "../../proxy-ebpf/src/shared.rs"]
-mod shared;
-
-pub use shared::{
+pub use proxy_common::{
     ARMED_MAP, BYTES_MAP, Counts, DEFAULT_LIMIT_MAP, DEFAULT_MAX_SOCKETS, DETACH_BEHIND,
-    DETACH_DONE, DETACH_MAP, DETACH_NOT_ARMED, DETACH_PENDING, DETACH_PROGRAM_NAME, HOLDS_MAP,
-    HOLDS_RING_BYTES, LIMITS_MAP, Limit, MOVED_MAP, PEERS_MAP, PROGRAM_NAME, SKB_TCP_SEQ,
-    STATS_INDEX, STATS_MAP, Stats, TCP_SOCK_BYTES_ACKED, TCP_SOCK_COPIED_SEQ, WALK_DONE_BYTES,
-    WALK_MAP,
+    DETACH_DONE, DETACH_MAP, DETACH_PENDING, DETACH_PROGRAM_NAME, HOLDS_MAP, LIMITS_MAP, Limit,
+    MOVED_MAP, PEERS_MAP, PROGRAM_NAME, SKB_TCP_SEQ, STATS_INDEX, STATS_MAP, Stats,
+    TCP_SOCK_BYTES_ACKED, TCP_SOCK_COPIED_SEQ, WALK_DONE_BYTES, WALK_MAP,
 };
-
-// SAFETY: `Stats` is `#[repr(C)]`, all `u64`, no padding, valid for any bit pattern.
-unsafe impl aya::Pod for Stats {}
-// SAFETY: `Counts` is `#[repr(C)]`, two `u64`, no padding, valid for any bit pattern.
-unsafe impl aya::Pod for Counts {}
-// SAFETY: `Limit` is `#[repr(C)]`, three `u64`, no padding, valid for any bit pattern.
-unsafe impl aya::Pod for Limit {}
 
 /// The eBPF object built from `proxy-ebpf`, 8-byte aligned as the ELF parser needs. Empty when
 /// the crate was compiled with `AYA_BUILD_SKIP`.
@@ -182,6 +171,7 @@ pub fn forward_logs(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, Ebpf
 
 /// The program's global counters, summed over all CPUs, read through the object (while it still
 /// holds [`STATS_MAP`]; once [`KernelStats::take`] took the map, read that instead).
+#[cfg(test)]
 pub fn read_stats(ebpf: &Ebpf) -> Result<Stats, EbpfError> {
     let map = ebpf.map(STATS_MAP).ok_or(EbpfError::Missing {
         kind: "map",

@@ -1,4 +1,7 @@
 //! The `splice-proxy` command line: parse, validate, run. Nothing else.
+//!
+//! `unsafe` is denied here except in [`raise_fd_limit`], which calls libc.
+#![deny(unsafe_code)]
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -90,6 +93,7 @@ fn init_logging(format: LogFormat) {
 
 /// Raises the open-file limit to its hard maximum: every tunnel holds two
 /// sockets (and, in splice mode, two pipes).
+#[allow(unsafe_code)]
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -7,14 +7,19 @@
 //! sits idle too long, or the proxy shuts down.
 
 mod copy;
+#[allow(unsafe_code)]
 mod detach;
 mod end;
+#[allow(unsafe_code)]
 pub mod holds;
 mod pump;
 mod self_check;
 pub mod sockmap;
+#[allow(unsafe_code)]
 mod splice;
+#[allow(unsafe_code)]
 mod spliced;
+#[allow(unsafe_code)]
 mod sys;
 
 pub use end::End;

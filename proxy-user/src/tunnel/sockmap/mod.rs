@@ -32,6 +32,7 @@ mod backoff;
 mod closes;
 mod directions;
 mod handoff;
+#[allow(unsafe_code)]
 mod maps;
 mod watch;
 

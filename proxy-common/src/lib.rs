@@ -1,9 +1,9 @@
-// Definitions shared by the eBPF program and userspace.
-//
-// This file is compiled twice: into `proxy-ebpf` (through `lib.rs`, for the BPF target) and into
-// `proxy-user` (through a `#[path]` module in `src/ebpf.rs`), so userspace gets the same names and
-// layouts without compiling `aya-ebpf` for the host. Keep it plain Rust: no crate-level attributes,
-// no dependencies, nothing but `core`.
+//! Names, limits and `#[repr(C)]` types shared by the splice-proxy eBPF program
+//! (`proxy-ebpf`) and userspace (`proxy-user`), so both sides agree on map names and layouts.
+//!
+//! One crate both depend on, as aya's project template does: `no_std`, no dependencies for the
+//! eBPF side; with the `user` feature (userspace) the map value types are also `aya::Pod`.
+#![no_std]
 
 /// Name of the `sk_skb/stream_verdict` program (the function name in `main.rs`).
 pub const PROGRAM_NAME: &str = "splice_verdict";
@@ -202,3 +202,16 @@ impl Stats {
         }
     }
 }
+
+// SAFETY (the three impls below): `aya::Pod` asks for plain data valid for any bit pattern.
+// Each type is `#[repr(C)]` and made of `u64` fields only, so it has no padding and every bit
+// pattern is a valid value.
+#[cfg(feature = "user")]
+// SAFETY: see above: `Stats` is `#[repr(C)]`, all `u64`.
+unsafe impl aya::Pod for Stats {}
+#[cfg(feature = "user")]
+// SAFETY: see above: `Counts` is `#[repr(C)]`, all `u64`.
+unsafe impl aya::Pod for Counts {}
+#[cfg(feature = "user")]
+// SAFETY: see above: `Limit` is `#[repr(C)]`, all `u64`.
+unsafe impl aya::Pod for Limit {}
