@@ -3,7 +3,7 @@
 //! its peer, so tunnel bytes never reach userspace. Userspace only sets the
 //! tunnel up, watches for FIN and RST, and tears it down.
 //!
-//! Handoff, in this order (see `proxy-ebpf/src/shared.rs` for the maps):
+//! Handoff, in this order (see `proxy-common` for the maps):
 //! 1. `PEERS[cookie(client)] = upstream`, `PEERS[cookie(upstream)] = client`:
 //!    redirect targets exist, nothing is armed yet ([`Sockmap::register`]);
 //! 2. userspace writes the `200` to the client;
