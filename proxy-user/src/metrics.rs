@@ -77,16 +77,6 @@ struct ResultLabels {
     result: &'static str,
 }
 
-/// Every way a tunnel can end, so each series exists from the start.
-const ENDS: [End; 6] = [
-    End::Closed,
-    End::ClientReset,
-    End::UpstreamReset,
-    End::Idle,
-    End::Shutdown,
-    End::Failed,
-];
-
 /// Every `upstream::ConnectError::kind`.
 const CONNECT_ERROR_KINDS: [&str; 4] = ["dns", "refused", "timeout", "denied"];
 
@@ -146,10 +136,10 @@ impl Metrics {
         let _ = m.tunnels_active.get_or_create(&ModeLabels {
             mode: mode_s.clone(),
         });
-        for end in ENDS {
+        for outcome in End::LABELS {
             let _ = m.tunnels.get_or_create(&TunnelLabels {
                 mode: mode_s.clone(),
-                outcome: end.to_string(),
+                outcome: outcome.to_string(),
             });
         }
         for direction in ["up", "down"] {
@@ -346,12 +336,12 @@ impl Metrics {
     }
 
     /// A tunnel ended with `end` after moving these bytes.
-    pub fn tunnel_ended(&self, mode: Mode, end: End, bytes_up: u64, bytes_down: u64) {
+    pub fn tunnel_ended(&self, mode: Mode, end: &End, bytes_up: u64, bytes_down: u64) {
         let mode = mode.to_string();
         self.tunnels
             .get_or_create(&TunnelLabels {
                 mode: mode.clone(),
-                outcome: end.to_string(),
+                outcome: end.label().to_string(),
             })
             .inc();
         for (direction, n) in [("up", bytes_up), ("down", bytes_down)] {
@@ -708,6 +698,7 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::Side;
 
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
@@ -743,7 +734,7 @@ mod tests {
             sample(&t, r#"splice_proxy_tunnels_active{mode="splice"}"#),
             Some(0.0)
         );
-        for end in ENDS {
+        for end in End::LABELS {
             let s = format!(r#"splice_proxy_tunnels_total{{mode="splice",outcome="{end}"}}"#);
             assert_eq!(sample(&t, &s), Some(0.0), "{s}\n{t}");
         }
@@ -844,8 +835,12 @@ mod tests {
         );
 
         drop(active);
-        m.tunnel_ended(Mode::Splice, End::UpstreamReset, 10, 20);
-        m.tunnel_ended(Mode::Splice, End::Closed, 1, 2);
+        let reset = End::Reset {
+            side: Side::Upstream,
+            error: std::io::ErrorKind::ConnectionReset.into(),
+        };
+        m.tunnel_ended(Mode::Splice, &reset, 10, 20);
+        m.tunnel_ended(Mode::Splice, &End::Closed, 1, 2);
         let t = m.render();
         assert_eq!(
             sample(&t, r#"splice_proxy_tunnels_active{mode="splice"}"#),
