@@ -1,10 +1,10 @@
 //! One structured access-log event per connection, emitted when it ends.
-//! Credentials never reach it: only the user name.
+//! Credentials never reach it: only the user name. It only logs: the server counts the
+//! connection in the metrics.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::tunnel::{Mode, Outcome};
 
@@ -69,14 +69,9 @@ impl Record {
         (up + self.early_bytes, down + self.early_down)
     }
 
-    /// Logs the event, and counts the tunnel's end and bytes in `metrics`.
-    pub fn emit(&self, metrics: &Metrics) {
+    /// Logs the event.
+    pub fn emit(&self) {
         let (bytes_up, bytes_down) = self.bytes();
-        if let Some(o) = &self.outcome {
-            metrics.tunnel_ended(self.mode, &o.end, bytes_up, bytes_down);
-            metrics.relays_started(o.relays);
-            metrics.left_kernel(o.detaches, o.rearms, o.spliced_bytes);
-        }
         let o = self.outcome.as_ref();
         let field = |f: fn(&Outcome) -> u64| o.map_or(0, f);
         let end = match (o, self.status) {
