@@ -1,10 +1,10 @@
 //! One structured access-log event per connection, emitted when it ends.
-//! Credentials never reach it: only the user name.
+//! Credentials never reach it: only the user name. It only logs: the server counts the
+//! connection in the metrics.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::tunnel::{Mode, Outcome};
 
@@ -26,6 +26,8 @@ pub struct Record {
     /// Bytes the parent proxy sent after its 2xx, written to the client behind the `200`.
     pub early_down: u64,
     pub outcome: Option<Outcome>,
+    /// Why the connection was refused or closed silently; a tunnel's own error is in its
+    /// ending (`outcome.end`).
     pub error: Option<String>,
 }
 
@@ -54,9 +56,6 @@ impl Record {
     }
 
     pub fn finish(&mut self, outcome: Outcome) {
-        if let Some(e) = &outcome.error {
-            self.error = Some(e.clone());
-        }
         self.outcome = Some(outcome);
     }
 
@@ -70,21 +69,17 @@ impl Record {
         (up + self.early_bytes, down + self.early_down)
     }
 
-    /// Logs the event, and counts the tunnel's end and bytes in `metrics`.
-    pub fn emit(&self, metrics: &Metrics) {
+    /// Logs the event.
+    pub fn emit(&self) {
         let (bytes_up, bytes_down) = self.bytes();
-        if let Some(o) = &self.outcome {
-            metrics.tunnel_ended(self.mode, o.end, bytes_up, bytes_down);
-            metrics.relays_started(o.relays);
-            metrics.left_kernel(o.detaches, o.rearms, o.spliced_bytes);
-        }
         let o = self.outcome.as_ref();
         let field = |f: fn(&Outcome) -> u64| o.map_or(0, f);
-        let end = match (&self.outcome, self.status) {
-            (Some(o), _) => o.end.to_string(),
-            (None, Some(_)) => "refused".to_string(),
-            (None, None) => "dropped".to_string(),
+        let end = match (o, self.status) {
+            (Some(o), _) => o.end.label(),
+            (None, Some(_)) => "refused",
+            (None, None) => "dropped",
         };
+        let error = o.and_then(|o| o.end.error()).or_else(|| self.error.clone());
         tracing::info!(
             target: "access",
             client = %self.client,
@@ -104,7 +99,7 @@ impl Record {
             detaches = field(|o| o.detaches),
             rearms = field(|o| o.rearms),
             end = %end,
-            error = self.error.as_deref().unwrap_or("-"),
+            error = error.as_deref().unwrap_or("-"),
             "tunnel"
         );
     }

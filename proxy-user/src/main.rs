@@ -160,7 +160,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let listeners = server::bind(&cfg.listen, cfg.tcp_keepalive).await?;
     let metrics_listener = match cfg.metrics_listen {
-        Some(addr) => Some(metrics::bind(addr).await?),
+        Some(addr) => Some(metrics::admin::bind(addr).await?),
         None => None,
     };
     if let Some(why) = &selection.fallback_warning {
@@ -197,7 +197,7 @@ async fn serve(
     reload::spawn(auth, metrics.clone()).context("installing the SIGHUP handler")?;
     // Listeners bound, data path chosen (and attached): ready until `stop`.
     if let Some(listener) = metrics_listener {
-        tokio::spawn(metrics::serve(listener, metrics, stop.clone()));
+        tokio::spawn(metrics::admin::serve(listener, metrics, stop.clone()));
     }
     tracing::info!(
         listen = ?cfg.listen,

@@ -121,7 +121,7 @@ impl Proxy {
                 record.refused(&refusal);
                 self.metrics.answered(refusal.status().code());
                 refuse_at_once(client, &refusal);
-                record.emit(&self.metrics);
+                record.emit();
                 return;
             }
         };
@@ -134,12 +134,12 @@ impl Proxy {
                 record.refused(&refusal);
                 self.metrics.answered(refusal.status().code());
                 refuse(client, &refusal, &mut admission).await;
-                record.emit(&self.metrics);
+                record.emit();
                 return;
             }
             Err(Failed::Silent(why)) => {
                 record.error = Some(why);
-                record.emit(&self.metrics);
+                record.emit();
                 return;
             }
         };
@@ -156,10 +156,23 @@ impl Proxy {
         )
         .await;
         record.finish(outcome);
-        // The tunnel is over: its gauge and its --max-tunnels permit go before its log line.
+        // The tunnel is over: its gauge and its --max-tunnels permit go before its counts and
+        // its log line.
         drop(active);
         drop(est._permit);
-        record.emit(&self.metrics);
+        self.count_ended(&record);
+        record.emit();
+    }
+
+    /// Counts an ended tunnel: how it ended, its bytes (with those sent around the
+    /// handshake, as the access log has them), and what its sockmap directions did.
+    fn count_ended(&self, record: &Record) {
+        let Some(o) = &record.outcome else { return };
+        let (up, down) = record.bytes();
+        self.metrics.tunnel_ended(record.mode, &o.end, up, down);
+        self.metrics.relays_started(o.relays);
+        self.metrics
+            .left_kernel(o.detaches, o.rearms, o.spliced_bytes);
     }
 
     async fn handshake(

@@ -22,7 +22,7 @@ mod spliced;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use end::End;
+pub use end::{End, Side, Stage};
 pub(crate) use pump::{Dir, Progress, PumpError};
 
 use std::fmt;
@@ -215,15 +215,13 @@ fn tcp_sockets() -> Option<u64> {
 }
 
 /// What a finished tunnel reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Outcome {
     /// Bytes client → upstream (not counting the bytes sent with the head).
     pub bytes_up: u64,
     /// Bytes upstream → client.
     pub bytes_down: u64,
     pub end: End,
-    /// The socket error behind a reset, for the log.
-    pub error: Option<String>,
     /// Times a direction overran its sockmap backlog and userspace started relaying it.
     pub relays: u64,
     /// Sockmap: bytes (up + down) the program redirected in the kernel.
@@ -259,7 +257,7 @@ pub async fn forward(
             &cancel,
         ))
     };
-    let (end, error) = match (mode, handoff.0) {
+    let end = match (mode, handoff.0) {
         // Sockmap with a socket half-closed before the handoff: see DataPath::register.
         (Mode::Copy, _) | (Mode::Sockmap, None) => copy_both().await,
         (Mode::Splice, _) => {
@@ -274,13 +272,13 @@ pub async fn forward(
             .await
         }
         (Mode::Sockmap, Some(mut reg)) => {
-            let (result, detached) = match reg.arm(&client, &upstream).await {
+            let (end, detached) = match reg.arm(&client, &upstream).await {
                 Ok(sockmap::Armed::Kernel) if reg.fully_armed() => {
                     // Out of tokio's reactor for the rest of the tunnel: the
                     // kernel wakes epoll for every batch the program moves.
-                    let (result, sockets) =
+                    let (end, sockets) =
                         Box::pin(reg.run_detached(client, upstream, idle, &cancel)).await;
-                    (result, Some(sockets))
+                    (end, Some(sockets))
                 }
                 Ok(sockmap::Armed::Kernel) => {
                     let r = Box::pin(reg.run(&client, &upstream, idle, &cancel)).await;
@@ -290,13 +288,10 @@ pub async fn forward(
                     let r = copy_both().await;
                     (r, Some(to_std(client, upstream)))
                 }
-                Err(e) => (
-                    (End::Failed, Some(format!("arming the sockmap: {e}"))),
-                    Some(to_std(client, upstream)),
-                ),
+                Err(e) => (End::failed(Stage::Arm)(e), Some(to_std(client, upstream))),
             };
             if let Some(Some((c, u))) = &detached {
-                reset_if(result.0, c, u);
+                reset_if(&end, c, u);
             }
             let tally = (*reg).close(detached.flatten());
             progress.up.fetch_add(tally.up, Ordering::Relaxed);
@@ -304,8 +299,7 @@ pub async fn forward(
             return Outcome {
                 bytes_up: progress.up.load(Ordering::Relaxed),
                 bytes_down: progress.down.load(Ordering::Relaxed),
-                end: result.0,
-                error: result.1,
+                end,
                 relays: tally.relays,
                 kernel_bytes: tally.kernel,
                 spliced_bytes: tally.spliced,
@@ -315,12 +309,11 @@ pub async fn forward(
             };
         }
     };
-    reset_if(end, &client, &upstream);
+    reset_if(&end, &client, &upstream);
     Outcome {
         bytes_up: progress.up.load(Ordering::Relaxed),
         bytes_down: progress.down.load(Ordering::Relaxed),
         end,
-        error,
         relays: 0,
         kernel_bytes: 0,
         spliced_bytes: 0,
@@ -339,8 +332,8 @@ fn to_std(
 }
 
 /// On a reset, closing with SO_LINGER 0 sends RST: the reset reaches the other side.
-fn reset_if(end: End, a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
-    if matches!(end, End::ClientReset | End::UpstreamReset | End::Failed) {
+fn reset_if(end: &End, a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
+    if end.resets() {
         for fd in [a.as_fd(), b.as_fd()] {
             let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
         }
@@ -358,7 +351,7 @@ async fn both<'a, F>(
     progress: &'a Progress,
     idle: Option<Duration>,
     cancel: &CancellationToken,
-) -> (End, Option<String>)
+) -> End
 where
     F: Future<Output = Result<(), PumpError>>,
 {
@@ -382,7 +375,7 @@ async fn drive(
     progress: &Progress,
     idle: Option<Duration>,
     cancel: &CancellationToken,
-) -> (End, Option<String>) {
+) -> End {
     let (mut up_done, mut down_done) = (false, false);
     // Boxed, and only with --idle-timeout: off by default, it would otherwise take its place
     // in every tunnel's state.
@@ -391,19 +384,17 @@ async fn drive(
         tokio::select! {
             r = up.as_mut(), if !up_done => match r {
                 Ok(()) => up_done = true,
-                Err(PumpError::Read(e)) => return (End::ClientReset, Some(format!("client: {e}"))),
-                Err(PumpError::Write(e)) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
+                Err(e) => return End::pump(Dir::Up, e),
             },
             r = down.as_mut(), if !down_done => match r {
                 Ok(()) => down_done = true,
-                Err(PumpError::Read(e)) => return (End::UpstreamReset, Some(format!("upstream: {e}"))),
-                Err(PumpError::Write(e)) => return (End::ClientReset, Some(format!("client: {e}"))),
+                Err(e) => return End::pump(Dir::Down, e),
             },
-            () = expires(&mut idle_timer) => return (End::Idle, None),
-            () = cancel.cancelled() => return (End::Shutdown, None),
+            () = expires(&mut idle_timer) => return End::Idle,
+            () = cancel.cancelled() => return End::Shutdown,
         }
     }
-    (End::Closed, None)
+    End::Closed
 }
 
 #[cfg(test)]

@@ -136,11 +136,12 @@ async fn check_bound(sm: &Sockmap) -> Result<(), String> {
         }
         r
     };
-    let ((end, err), traffic) = tokio::join!(watcher, traffic);
+    let (end, traffic) = tokio::join!(watcher, traffic);
     let written = traffic?;
-    if end != End::Closed {
+    if !matches!(end, End::Closed) {
         return Err(format!(
-            "held tunnel ended {end} ({err:?}) instead of closing"
+            "held tunnel ended {end} ({:?}) instead of closing",
+            end.error()
         ));
     }
     if reg.bytes().0 != written as u64 {
@@ -231,10 +232,13 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
         }
         Ok::<_, String>((up.len() as u64, (banner.len() + down.len()) as u64))
     };
-    let ((end, err), traffic) = tokio::join!(watcher, traffic);
+    let (end, traffic) = tokio::join!(watcher, traffic);
     let (up, down) = traffic?;
-    if end != End::Closed {
-        return Err(format!("tunnel ended {end} ({err:?}) instead of closing"));
+    if !matches!(end, End::Closed) {
+        return Err(format!(
+            "tunnel ended {end} ({:?}) instead of closing",
+            end.error()
+        ));
     }
     if reg.bytes() != (up, down) {
         return Err(format!(

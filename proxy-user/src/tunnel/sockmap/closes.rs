@@ -16,14 +16,8 @@ use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use crate::tunnel::end::Side;
 use crate::tunnel::sys;
-
-/// Which socket of a tunnel an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Side {
-    Client = 0,
-    Upstream = 1,
-}
 
 /// Events one tunnel has not taken yet, per side, and its wake-up.
 #[derive(Default)]

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use super::backoff::Backoff;
 use super::{Dir, Registration};
 use crate::tunnel::detach::Answer;
-use crate::tunnel::end::End;
+use crate::tunnel::end::{End, Stage};
 use crate::tunnel::holds::{Backlog, Counters, MoveError, Mover, SPLICE_QUIET, Step};
 use crate::tunnel::pump::Progress;
 use crate::tunnel::splice::PIPE_SIZE;
@@ -91,7 +91,7 @@ impl Movers {
     }
 
     /// Moves what one direction can now (after a wake-up or a tick).
-    fn step(&mut self, reg: &Registration<'_>, dir: Dir) -> Result<(), (End, Option<String>)> {
+    fn step(&mut self, reg: &Registration<'_>, dir: Dir) -> Result<(), End> {
         let (c, u) = (self.client, self.upstream);
         match dir {
             Dir::Up => self.up_moving = reg.step(&mut self.up, c, u, dir)?,
@@ -120,7 +120,7 @@ impl Movers {
         reg: &Registration<'_>,
         up_done: bool,
         down_done: bool,
-    ) -> Result<(), (End, Option<String>)> {
+    ) -> Result<(), End> {
         if self.needs_tick(Dir::Up) && !up_done {
             self.step(reg, Dir::Up)?;
         }
@@ -156,7 +156,7 @@ impl Registration<'_> {
         src: RawFd,
         dst: RawFd,
         dir: Dir,
-    ) -> Result<bool, (End, Option<String>)> {
+    ) -> Result<bool, End> {
         let (before, relays) = (mover.moved(), mover.relays());
         let result = mover.step(self, src, dst);
         let moved = (mover.moved() - before) as usize;
@@ -168,17 +168,13 @@ impl Registration<'_> {
         match result {
             Ok(Step::Idle) => Ok(false),
             Ok(Step::Wait) => Ok(true),
-            Err(e) => Err(self.move_error(e, dir)),
+            Err(e) => Err(End::moving(dir.into(), e)),
         }
     }
 
     /// After a wake-up for `dir`: moves held bytes, and takes the direction off the kernel
     /// path when its mover asks (`--sockmap-overrun splice`).
-    pub(super) async fn advance(
-        &self,
-        movers: &mut Movers,
-        dir: Dir,
-    ) -> Result<(), (End, Option<String>)> {
+    pub(super) async fn advance(&self, movers: &mut Movers, dir: Dir) -> Result<(), End> {
         if movers.spliced(dir).is_some() {
             // A wake-up from before the detach.
             return Ok(());
@@ -186,7 +182,7 @@ impl Registration<'_> {
         movers.step(self, dir)?;
         let (src, dst) = movers.fds(dir);
         let cookie = self.cookie(dir);
-        let failed = |e: io::Error| (End::Failed, Some(format!("leaving the kernel path: {e}")));
+        let failed = End::failed(Stage::Detach);
         if !movers.mover(dir).wants_detach() {
             return Ok(());
         }
@@ -205,7 +201,7 @@ impl Registration<'_> {
                 .relay_instead(self, std::time::Instant::now());
             self.relays.fetch_add(1, Ordering::Relaxed);
             movers.set_moving(dir, true);
-            r.map_err(|e| self.move_error(e, dir))
+            r.map_err(|e| End::moving(dir.into(), e))
         };
         match answer {
             Answer::Detached => {
@@ -283,23 +279,6 @@ impl Registration<'_> {
         Ok(())
     }
 
-    fn move_error(&self, e: MoveError, dir: Dir) -> (End, Option<String>) {
-        let (src, dst) = match dir {
-            Dir::Up => (
-                (End::ClientReset, "client"),
-                (End::UpstreamReset, "upstream"),
-            ),
-            Dir::Down => (
-                (End::UpstreamReset, "upstream"),
-                (End::ClientReset, "client"),
-            ),
-        };
-        match e {
-            MoveError::Src(e) => (src.0, Some(format!("{}: {e}", src.1))),
-            MoveError::Dst(e) => (dst.0, Some(format!("{}: {e}", dst.1))),
-        }
-    }
-
     /// What a spliced direction's run ended with, applied: back to the kernel, or done.
     /// `Ok(true)`: the direction is finished (FIN forwarded).
     pub(super) fn spliced_stopped(
@@ -307,22 +286,17 @@ impl Registration<'_> {
         movers: &mut Movers,
         dir: Dir,
         r: Result<Stop, MoveError>,
-    ) -> Result<bool, (End, Option<String>)> {
+    ) -> Result<bool, End> {
         match r {
             Ok(Stop::Quiet) => {
-                self.rearm(movers, dir).map_err(|e| {
-                    (
-                        End::Failed,
-                        Some(format!("returning to the kernel path: {e}")),
-                    )
-                })?;
+                self.rearm(movers, dir).map_err(End::failed(Stage::Rearm))?;
                 Ok(false)
             }
             Ok(Stop::Eof) => {
                 movers.take_spliced(dir);
                 Ok(true)
             }
-            Err(e) => Err(self.move_error(e, dir)),
+            Err(e) => Err(End::moving(dir.into(), e)),
         }
     }
 }

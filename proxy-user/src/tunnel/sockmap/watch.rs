@@ -13,12 +13,12 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::closes::CloseWatch;
 #[cfg(test)]
 use super::closes::SharedCloses;
-use super::closes::{CloseWatch, Side};
 use super::directions::{HOLD_TICK, held, spliced_run};
 use super::{Dir, Registration};
-use crate::tunnel::end::End;
+use crate::tunnel::end::{End, Side, Stage};
 use crate::tunnel::holds::Mover;
 use crate::tunnel::pump::{self, PumpError};
 use crate::tunnel::sys::{self, queued_total};
@@ -33,7 +33,7 @@ impl Registration<'_> {
         upstream: &TcpStream,
         idle: Option<Duration>,
         cancel: &CancellationToken,
-    ) -> (End, Option<String>) {
+    ) -> End {
         // A socket that could not be armed is read by userspace.
         let up_pump: Option<PumpFuture<'_>> = (!self.client_armed).then(|| {
             Box::pin(crate::tunnel::copy::pump(
@@ -67,16 +67,8 @@ impl Registration<'_> {
         pumps: [Option<PumpFuture<'_>>; 2],
         idle: Option<Duration>,
         cancel: &CancellationToken,
-    ) -> (End, Option<String>) {
+    ) -> End {
         let [mut up_pump, mut down_pump] = pumps;
-        let pump_end = |e: PumpError, dir: Dir| match (e, dir) {
-            (PumpError::Read(e), Dir::Up) | (PumpError::Write(e), Dir::Down) => {
-                (End::ClientReset, Some(format!("client: {e}")))
-            }
-            (PumpError::Read(e), Dir::Down) | (PumpError::Write(e), Dir::Up) => {
-                (End::UpstreamReset, Some(format!("upstream: {e}")))
-            }
-        };
         let (mut up_done, mut down_done) = (false, false);
         // The counters are only read when there is an idle timeout to keep.
         let mut clock = IdleClock::new(idle, idle.map_or((0, 0), |_| self.bytes()));
@@ -102,15 +94,11 @@ impl Registration<'_> {
                 events = closes.next(wants) => {
                     let events = match events {
                         Ok(ev) => ev,
-                        Err(e) => return (End::Failed, Some(format!("watching for FIN: {e}"))),
+                        Err(e) => return End::failed(Stage::Watch)(e),
                     };
                     for (side, close) in events {
-                        let (end, name) = match side {
-                            Side::Client => (End::ClientReset, "client"),
-                            Side::Upstream => (End::UpstreamReset, "upstream"),
-                        };
                         match close {
-                            Close::Reset(e) => return (end, Some(format!("{name}: {e}"))),
+                            Close::Reset(error) => return End::Reset { side, error },
                             Close::Fin if side == Side::Client && wants[0] == Want::Fin => {
                                 if let Err(end) = Box::pin(self.drain(client, self.client, upstream, Dir::Up, &mut movers.up)).await {
                                     return end;
@@ -156,21 +144,21 @@ impl Registration<'_> {
                 }
                 r = run_pump(&mut up_pump), if !up_done && !self.client_armed => match r {
                     Ok(()) => up_done = true,
-                    Err(e) => return pump_end(e, Dir::Up),
+                    Err(e) => return End::pump(pump::Dir::Up, e),
                 },
                 r = run_pump(&mut down_pump), if !down_done && !self.upstream_armed => match r {
                     Ok(()) => down_done = true,
-                    Err(e) => return pump_end(e, Dir::Down),
+                    Err(e) => return End::pump(pump::Dir::Down, e),
                 },
                 () = sleep_until_boxed(clock.next_check), if idle.is_some() => {
                     if clock.expired(self.bytes()) {
-                        return (End::Idle, None);
+                        return End::Idle;
                     }
                 }
-                () = cancel.cancelled() => return (End::Shutdown, None),
+                () = cancel.cancelled() => return End::Shutdown,
             }
         }
-        (End::Closed, None)
+        End::Closed
     }
 
     /// `src` sent FIN: once `dst` has queued every byte redirected from
@@ -182,10 +170,10 @@ impl Registration<'_> {
         dst: &impl AsFd,
         dir: Dir,
         mover: &mut Mover,
-    ) -> Result<(), (End, Option<String>)> {
-        let dst_reset = |e: io::Error| match dir {
-            Dir::Up => (End::UpstreamReset, Some(format!("upstream: {e}"))),
-            Dir::Down => (End::ClientReset, Some(format!("client: {e}"))),
+    ) -> Result<(), End> {
+        let dst_reset = |error| End::Reset {
+            side: Side::destination(dir.into()),
+            error,
         };
         let dst_fd = dst.as_fd().as_raw_fd();
         let dst = socket2::SockRef::from(dst);
@@ -227,25 +215,20 @@ impl Registration<'_> {
         upstream: TcpStream,
         idle: Option<Duration>,
         cancel: &CancellationToken,
-    ) -> ((End, Option<String>), Option<(StdTcpStream, StdTcpStream)>) {
+    ) -> (End, Option<(StdTcpStream, StdTcpStream)>) {
         let (client, upstream) = match (client.into_std(), upstream.into_std()) {
             (Ok(c), Ok(u)) => (c, u),
-            (Err(e), _) | (_, Err(e)) => {
-                return (
-                    (End::Failed, Some(format!("leaving the reactor: {e}"))),
-                    None,
-                );
-            }
+            (Err(e), _) | (_, Err(e)) => return (End::failed(Stage::LeaveReactor)(e), None),
         };
-        let result = match self.sockmap.closes.watch(&client, &upstream) {
+        let end = match self.sockmap.closes.watch(&client, &upstream) {
             Ok(watch) => {
                 let closes = Closes::Shared(watch);
                 self.watch(&client, &upstream, &closes, [None, None], idle, cancel)
                     .await
             }
-            Err(e) => (End::Failed, Some(format!("watching for FIN: {e}"))),
+            Err(e) => End::failed(Stage::Watch)(e),
         };
-        (result, Some((client, upstream)))
+        (end, Some((client, upstream)))
     }
 }
 
