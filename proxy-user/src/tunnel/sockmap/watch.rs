@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::closes::CloseWatch;
 #[cfg(test)]
 use super::closes::SharedCloses;
-use super::directions::{HOLD_TICK, held, spliced_run};
+use super::directions::{HOLD_TICK, held, spliced_run, step};
 use super::{Dir, Registration};
 use crate::tunnel::end::{End, Side, Stage};
 use crate::tunnel::holds::Mover;
@@ -116,23 +116,23 @@ impl Registration<'_> {
                     }
                 }
                 () = held(&self.up_holds), if !up_done && self.client_armed => {
-                    if let Err(end) = self.advance(&mut movers, Dir::Up).await {
+                    if let Err(end) = movers.advance(self, Dir::Up).await {
                         return end;
                     }
                 }
                 r = spliced_run(&mut movers.up_spliced, movers.up_backoff.hold(), self.sockmap.backlog, &self.spliced, Dir::Up), if !up_done => {
-                    match self.spliced_stopped(&mut movers, Dir::Up, r) {
+                    match movers.spliced_stopped(self, Dir::Up, r) {
                         Ok(done) => up_done = done,
                         Err(end) => return end,
                     }
                 }
                 () = held(&self.down_holds), if !down_done && self.upstream_armed => {
-                    if let Err(end) = self.advance(&mut movers, Dir::Down).await {
+                    if let Err(end) = movers.advance(self, Dir::Down).await {
                         return end;
                     }
                 }
                 r = spliced_run(&mut movers.down_spliced, movers.down_backoff.hold(), self.sockmap.backlog, &self.spliced, Dir::Down), if !down_done => {
-                    match self.spliced_stopped(&mut movers, Dir::Down, r) {
+                    match movers.spliced_stopped(self, Dir::Down, r) {
                         Ok(done) => down_done = done,
                         Err(end) => return end,
                     }
@@ -182,7 +182,7 @@ impl Registration<'_> {
         let _ = queued_total(src.as_fd().as_raw_fd());
         // Held bytes go before the FIN too: move all of them first.
         let mut wait = Duration::from_micros(200);
-        while self.step(mover, src.as_fd().as_raw_fd(), dst_fd, dir)? {
+        while step(self, mover, src.as_fd().as_raw_fd(), dst_fd, dir)? {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(20));
         }
