@@ -4,6 +4,7 @@
 pub mod checks;
 pub mod idle;
 pub mod report;
+pub mod throughput;
 pub mod tls;
 pub mod upgrade;
 
@@ -37,6 +38,10 @@ pub struct DoctorArgs {
     /// than the longest silence of a migration (rsync scanning a large volume: minutes).
     #[arg(long, value_name = "DUR", value_parser = crate::duration::parse_duration_nonzero)]
     pub idle: Option<Duration>,
+    /// Also measure throughput: send N MiB (1 to 4096) through a tunnel to --target and time
+    /// their echo. The target must echo what it receives; otherwise the line cannot tell.
+    #[arg(long = "throughput-mib", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub throughput_mib: Option<u32>,
     /// Print one JSON document instead of lines.
     #[arg(long)]
     pub json: bool,
@@ -89,7 +94,8 @@ pub fn run(args: &DoctorArgs) -> Result<Report, UsageError> {
     Ok(report)
 }
 
-/// Check 4 (`--idle`), on tunnels of its own; not run when check 1 got no tunnel. Without `--idle`, a line says how to run it: a migration needs it.
+/// Checks 4 (`--idle`) and 5 (`--throughput-mib`), on tunnels of their own; not run when check
+/// 1 got no tunnel. Without `--idle`, a line says how to run it: a migration needs it.
 fn quiet_and_bulk(url: &ProxyUrl, args: &DoctorArgs, tunnels: bool) -> Vec<Finding> {
     let not_run = |check| Finding::new(check, Outcome::CannotTell, report::NO_TUNNEL);
     let mut out = Vec::new();
@@ -103,6 +109,11 @@ fn quiet_and_bulk(url: &ProxyUrl, args: &DoctorArgs, tunnels: bool) -> Vec<Findi
         )),
         Some(_) if !tunnels => out.extend([not_run(idle::IDLE), not_run(idle::HALF_CLOSE)]),
         Some(idle) => out.extend(idle::check(url, &args.target, idle, args.timeout)),
+    }
+    match args.throughput_mib {
+        None => {}
+        Some(_) if !tunnels => out.push(not_run(throughput::THROUGHPUT)),
+        Some(mib) => out.push(throughput::check(url, &args.target, mib, args.timeout)),
     }
     out
 }
@@ -134,14 +145,23 @@ mod tests {
     }
 
     #[test]
-    fn idle_flag() {
-        assert_eq!(parse(&[]).unwrap().idle, None);
-        let a = parse(&["--idle", "10m"]).unwrap();
+    fn idle_and_throughput_flags() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.idle, a.throughput_mib), (None, None));
+        let a = parse(&["--idle", "10m", "--throughput-mib", "64"]).unwrap();
         assert_eq!(a.idle, Some(Duration::from_secs(600)));
-        let a = parse(&["--idle", "90"]).unwrap();
+        assert_eq!(a.throughput_mib, Some(64));
+        let a = parse(&["--idle", "90", "--throughput-mib", "4096"]).unwrap();
         assert_eq!(a.idle, Some(Duration::from_secs(90)));
-        for bad in ["0", "0ms", "1 fortnight"] {
-            assert!(parse(&["--idle", bad]).is_err(), "{bad:?}");
+        for bad in [
+            ["--idle", "0"],
+            ["--idle", "0ms"],
+            ["--idle", "1 fortnight"],
+            ["--throughput-mib", "0"],
+            ["--throughput-mib", "4097"],
+            ["--throughput-mib", "-1"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
         }
     }
 
@@ -158,10 +178,11 @@ mod tests {
         assert_eq!(lines(&[], true), [("idle", Outcome::Skipped)]);
         assert_eq!(lines(&[], false), [("idle", Outcome::Skipped)]);
         assert_eq!(
-            lines(&["--idle", "1s"], false),
+            lines(&["--idle", "1s", "--throughput-mib", "1"], false),
             [
                 ("idle", Outcome::CannotTell),
                 ("half-close", Outcome::CannotTell),
+                ("throughput", Outcome::CannotTell),
             ]
         );
         let skipped = &quiet_and_bulk(&url, &parse(&[]).unwrap(), true)[0];
