@@ -602,7 +602,10 @@ fn our_proxy_keeps_a_quiet_tunnel_to_stunnel_and_honours_half_close() {
         "{out}"
     );
     let l = line(&out, "half-close");
-    assert!(l.contains(" pass ") && l.contains("honoured"), "{out}");
+    assert!(
+        l.contains(" pass ") && l.contains("honoured: 3 times"),
+        "{out}"
+    );
     assert!(l.contains("ServerHello still came back"), "{out}");
     assert!(!out.contains(PASS) && !out.contains(PASS_IN_URL), "{out}");
 }
@@ -772,9 +775,22 @@ fn throughput_through_our_proxy_needs_an_echo() {
         &echo,
         "--throughput-mib",
         "32",
+        "--idle",
+        "1s",
     ]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
+    // An echo is no TLS endpoint: no silence to measure, and no ClientHello answered.
+    let l = line(&out, "idle");
+    assert!(
+        l.contains(" cannot tell ") && l.contains("no TLS handshake"),
+        "{out}"
+    );
+    let l = line(&out, "half-close");
+    assert!(
+        l.contains(" cannot tell ") && l.contains("not run"),
+        "{out}"
+    );
     let l = line(&out, "throughput");
     assert!(l.contains(" pass "), "{out}");
     assert!(

@@ -1,7 +1,7 @@
 //! Check 4 (`--idle DUR`): does a tunnel stay open through DUR of silence and still carry bytes
 //! after it? A migration's rsync can be silent for minutes (scanning a large volume) with its
-//! stunnel session open, and a proxy that cuts quiet tunnels breaks it. And, for information,
-//! does the proxy honour half-close?
+//! stunnel session open, and a proxy that cuts quiet tunnels breaks it. (With it, for
+//! information, `half_close`.)
 //!
 //! The silence comes after a TLS handshake with the target, where a migration's silences are:
 //! before the handshake a stunnel server waits only `TIMEOUTbusy` (300 s by default, then it
@@ -13,7 +13,6 @@
 //! tunnel without the silence tells a tunnel dropped quietly from a target that never answers.
 
 use std::io::{self, Read};
-use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use rustls::ClientConnection;
@@ -23,9 +22,8 @@ use super::report::{Finding, Outcome};
 use super::tls::{self, Session};
 use crate::proxy_url::ProxyUrl;
 
-/// Names of these checks in the report.
+/// Name of this check in the report.
 pub const IDLE: &str = "idle";
-pub const HALF_CLOSE: &str = "half-close";
 
 /// How a connection ended, as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,18 +230,16 @@ fn session(url: &ProxyUrl, target: &str, timeout: Duration) -> Result<Session, S
         .map_err(|e| format!("no TLS handshake with {target} through the proxy: {e}"))
 }
 
-/// Runs check 4: the idle line, then the half-close line.
-pub fn check(url: &ProxyUrl, target: &str, idle: Duration, timeout: Duration) -> [Finding; 2] {
+/// Runs check 4's idle line; and whether the target completed a TLS handshake through the
+/// proxy (the half-close line needs a target that answers a ClientHello).
+pub fn check(url: &ProxyUrl, target: &str, idle: Duration, timeout: Duration) -> (Finding, bool) {
     let mut s = match session(url, target, timeout) {
         Ok(s) => s,
         Err(why) => {
-            let not_run = format!(
+            let why = format!(
                 "not run: {why}; this check needs --target to be the migration's TLS endpoint"
             );
-            return [
-                Finding::new(IDLE, Outcome::CannotTell, not_run.clone()),
-                Finding::new(HALF_CLOSE, Outcome::CannotTell, not_run),
-            ];
+            return (Finding::new(IDLE, Outcome::CannotTell, why), false);
         }
     };
     let (silence, chatter) = wait_quietly(&mut s, idle);
@@ -256,10 +252,10 @@ pub fn check(url: &ProxyUrl, target: &str, idle: Duration, timeout: Duration) ->
             .ok()
             .map(|mut s| matches!(probe(&mut s, timeout), Probe::Answered(_))),
     };
-    [
+    (
         verdict(idle, &silence, answer.as_ref(), control, chatter),
-        half_close(url, target, timeout),
-    ]
+        true,
+    )
 }
 
 /// Advice on a cut: who to ask, and what would not help.
@@ -369,110 +365,6 @@ pub fn verdict(
     Finding::new(IDLE, outcome, why)
 }
 
-/// What came back after a ClientHello and the client's FIN.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AfterFin {
-    /// A TLS record from the target: its ServerHello (or HelloRetryRequest), or an alert.
-    Answer(&'static str),
-    /// The tunnel closed, `after` the FIN, with nothing.
-    Closed {
-        after: Duration,
-        how: Close,
-    },
-    Nothing,
-    /// Bytes that do not start a TLS record: their first ones.
-    NotTls(Vec<u8>),
-}
-
-/// What the first bytes of an answer to a ClientHello are: a TLS record header (type, then
-/// version 3.x) is the target's answer; a proxy that did not pass it has nothing to send.
-pub fn answer_to_hello(first: &[u8]) -> AfterFin {
-    match first {
-        [0x16, 0x03, ..] => AfterFin::Answer("the target's ServerHello"),
-        [0x15, 0x03, ..] => AfterFin::Answer("the target's TLS alert"),
-        _ => AfterFin::NotTls(first.to_vec()),
-    }
-}
-
-/// Sends a ClientHello on a fresh tunnel, shuts down the sending side at once, and sees whether
-/// an answer still arrives.
-fn after_fin(url: &ProxyUrl, target: &str, timeout: Duration) -> Result<AfterFin, String> {
-    let (connect, tunnel) = checks::connect(url, target, timeout);
-    let mut tcp: TcpStream = tunnel.ok_or(connect.reason)?;
-    let mut conn = tls::client(tls::server_name(target)?)?;
-    while conn.wants_write() {
-        conn.write_tls(&mut tcp)
-            .map_err(|e| format!("sending a ClientHello: {e}"))?;
-    }
-    tcp.shutdown(Shutdown::Write)
-        .map_err(|e| format!("shutting down the sending side: {e}"))?;
-    let start = Instant::now();
-    let _ = tcp.set_read_timeout(Some(timeout));
-    // A record header's type and version.
-    let mut first = [0u8; 2];
-    let mut got = 0;
-    while got < first.len() {
-        match tcp.read(&mut first[got..]) {
-            Ok(0) if got == 0 => {
-                return Ok(AfterFin::Closed {
-                    after: start.elapsed(),
-                    how: Close::Fin,
-                });
-            }
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) => match Close::of(&e) {
-                None if e.kind() == io::ErrorKind::Interrupted => {}
-                None if got == 0 => return Ok(AfterFin::Nothing),
-                Some(how) if got == 0 => {
-                    let after = start.elapsed();
-                    return Ok(AfterFin::Closed { after, how });
-                }
-                _ => break,
-            },
-        }
-    }
-    Ok(answer_to_hello(&first[..got]))
-}
-
-/// The half-close line: informational, never a failure.
-pub fn half_close(url: &ProxyUrl, target: &str, timeout: Duration) -> Finding {
-    let sent = "the client sent a ClientHello and at once shut down its sending side (FIN)";
-    let (outcome, why) = match after_fin(url, target, timeout) {
-        Ok(AfterFin::Answer(what)) => (
-            Outcome::Pass,
-            format!("honoured: {sent}, and {what} still came back"),
-        ),
-        Ok(AfterFin::Closed { after, how }) => (
-            Outcome::Info,
-            format!(
-                "not honoured: {sent}, and {} ms later the tunnel closed with {} instead of \
-                 bringing the target's ServerHello: the proxy closes both ways on a client's \
-                 FIN (informational: it matters only to a client that half-closes and waits \
-                 for an answer)",
-                after.as_millis(),
-                how.words()
-            ),
-        ),
-        Ok(AfterFin::Nothing) => (
-            Outcome::CannotTell,
-            format!(
-                "{sent}, and within {} neither an answer nor a close came",
-                span(timeout)
-            ),
-        ),
-        Ok(AfterFin::NotTls(first)) => (
-            Outcome::CannotTell,
-            format!(
-                "{sent}, and what came back is not a TLS record (it starts {first:02x?}): is \
-                 --target the migration's TLS endpoint?"
-            ),
-        ),
-        Err(e) => (Outcome::CannotTell, format!("not run: {e}")),
-    };
-    Finding::new(HALF_CLOSE, outcome, why)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,20 +458,6 @@ mod tests {
             what: "received corrupt message".into(),
         };
         judge(junk, None, None).expect(Outcome::Fail, &["not the target's TLS"]);
-    }
-
-    #[test]
-    fn only_a_tls_record_answers_a_client_hello() {
-        assert_eq!(
-            answer_to_hello(&[0x16, 0x03]),
-            AfterFin::Answer("the target's ServerHello")
-        );
-        assert_eq!(
-            answer_to_hello(&[0x15, 0x03]),
-            AfterFin::Answer("the target's TLS alert")
-        );
-        assert_eq!(answer_to_hello(b"HT"), AfterFin::NotTls(b"HT".to_vec()));
-        assert_eq!(answer_to_hello(&[0x16]), AfterFin::NotTls(vec![0x16]));
     }
 
     #[test]

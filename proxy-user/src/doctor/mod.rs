@@ -2,6 +2,7 @@
 //! `stunnel_tcp_proxy` will carry a migration's tunnels, and if not, why.
 
 pub mod checks;
+pub mod half_close;
 pub mod idle;
 pub mod report;
 pub mod throughput;
@@ -107,8 +108,21 @@ fn quiet_and_bulk(url: &ProxyUrl, args: &DoctorArgs, tunnels: bool) -> Vec<Findi
              see (rsync scanning a large volume is silent for minutes: e.g. --idle 10m), to check \
              that the proxy keeps quiet tunnels open; it also tells whether it honours half-close",
         )),
-        Some(_) if !tunnels => out.extend([not_run(idle::IDLE), not_run(idle::HALF_CLOSE)]),
-        Some(idle) => out.extend(idle::check(url, &args.target, idle, args.timeout)),
+        Some(_) if !tunnels => out.extend([not_run(idle::IDLE), not_run(half_close::HALF_CLOSE)]),
+        Some(idle) => {
+            let (line, tls) = idle::check(url, &args.target, idle, args.timeout);
+            out.push(line);
+            out.push(if tls {
+                half_close::check(url, &args.target, args.timeout)
+            } else {
+                Finding::new(
+                    half_close::HALF_CLOSE,
+                    Outcome::CannotTell,
+                    "not run: it needs a target that answers a ClientHello through the proxy \
+                     (see the idle line)",
+                )
+            });
+        }
     }
     match args.throughput_mib {
         None => {}
