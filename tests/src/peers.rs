@@ -359,12 +359,18 @@ pub fn rsyncd(dir: &Path, module: &str, path: &Path) -> Result<Daemon> {
 /// Starts tinyproxy in the foreground on 127.0.0.1: no credentials, CONNECT to any port (no
 /// `ConnectPort` line), any loopback client.
 pub fn tinyproxy(dir: &Path) -> Result<Daemon> {
+    tinyproxy_with_timeout(dir, 600)
+}
+
+/// [`tinyproxy`] with `Timeout <secs>`: it closes a connection, a tunnel included, that moved
+/// no byte for that long.
+pub fn tinyproxy_with_timeout(dir: &Path, secs: u32) -> Result<Daemon> {
     let addr = free_addr();
     let conf = dir.join("tinyproxy.conf");
     fs::write(
         &conf,
         format!(
-            "User nobody\nGroup nogroup\nPort {}\nListen 127.0.0.1\nTimeout 600\n\
+            "User nobody\nGroup nogroup\nPort {}\nListen 127.0.0.1\nTimeout {secs}\n\
              MaxClients 100\nLogLevel Info\nDisableViaHeader Yes\n",
             addr.port()
         ),

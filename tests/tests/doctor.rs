@@ -4,10 +4,10 @@
 //! `ssl_bump bump` and a CA of the test's (Debian's squid-openssl).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use splice_proxy_tests::peers::{TempDir, require_tools};
 use splice_proxy_tests::squid::{self, SslBump};
@@ -28,11 +28,17 @@ fn target() -> SocketAddr {
     addr
 }
 
+/// Runs doctor with `args`, and `--timeout 5s` unless they say otherwise.
 fn doctor(args: &[&str]) -> Output {
+    let timeout: &[&str] = if args.contains(&"--timeout") {
+        &[]
+    } else {
+        &["--timeout", "5s"]
+    };
     let out = Command::new(binary())
         .arg("doctor")
         .args(args)
-        .args(["--timeout", "5s"])
+        .args(timeout)
         .output()
         .expect("run splice-proxy doctor");
     eprintln!(
@@ -76,6 +82,17 @@ fn our_proxy_passes_with_percent_encoded_password() {
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(line(&out, "connect").contains(" pass "), "{out}");
     assert!(out.contains("200"), "{out}");
+    // Without --idle the idle line says how to run it, and is no failure.
+    let l = line(&out, "idle");
+    assert!(
+        l.contains(" skipped ") && l.contains("add --idle DUR"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .all(|l| !l.starts_with("half-close") && !l.starts_with("throughput")),
+        "{out}"
+    );
     assert!(
         !out.contains(PASS) && !out.contains(PASS_IN_URL),
         "password printed:\n{out}"
@@ -205,6 +222,18 @@ fn usage_errors_exit_2_with_one_line() {
     let o = doctor(&["http://127.0.0.1:3128"]);
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    for (flag, value, says) in [
+        ("--idle", "0s", "must be greater than zero"),
+        ("--idle", "5parsecs", "unknown unit"),
+        ("--throughput-mib", "0", "not in 1..=4096"),
+        ("--throughput-mib", "lots", "invalid value"),
+    ] {
+        let o = doctor(&["http://127.0.0.1:3128", "--target", "h:1", flag, value]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(flag) && err.contains(says), "{err}");
+    }
 }
 
 /// The CN of the CA that issues the target's and the API server's certificates.
@@ -518,8 +547,282 @@ fn squid_splice_leaves_tls_and_upgrade_alone() {
     let Some(s) = SquidScene::start("doctor-squid-splice", SslBump::Splice) else {
         return;
     };
-    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p), "--api", &s.api]);
+    let (code, out) = s.doctor(&["--ca", &ca_arg(&s.p), "--api", &s.api, "--idle", "1s"]);
     assert_eq!(code, Some(0), "{out}\n{}", s.squid.log_report());
     assert!(line(&out, "tls").contains(" pass "), "{out}");
     assert!(line(&out, "upgrade").contains(" pass "), "{out}");
+    // squid's read_timeout is 15 minutes by default; it closes a tunnel both ways on the
+    // client's FIN (measured: squid 5.7, with and without ssl_bump splice).
+    assert!(line(&out, "idle").contains(" pass "), "{out}");
+    let l = line(&out, "half-close");
+    assert!(l.contains(" info ") && l.contains("not honoured"), "{out}");
+}
+
+/// How long the idle line says the tunnel stayed open before its cut, in seconds.
+fn cut_after(idle: &str) -> f64 {
+    let rest = idle
+        .split("closed after ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no cut time in {idle}"));
+    rest.split(" s of silence").next().unwrap().parse().unwrap()
+}
+
+/// The migration's real target: a stunnel server (self-signed) in front of an rsync daemon,
+/// in `dir`. `None`, with a line saying why, when stunnel or rsync is missing.
+fn stunnel_rsyncd(dir: &TempDir) -> Option<[splice_proxy_tests::peers::Daemon; 2]> {
+    use splice_proxy_tests::peers;
+    if let Err(e) = require_tools(&["stunnel", "rsync", "openssl"]) {
+        eprintln!("skipped: {e}");
+        return None;
+    }
+    let module = dir.join("module");
+    std::fs::create_dir_all(&module).unwrap();
+    let rsyncd = peers::rsyncd(dir.path(), "m", &module).unwrap();
+    let cert = peers::self_signed_cert(dir.path()).unwrap();
+    let stunnel = peers::stunnel_server(dir.path(), &cert, rsyncd.addr).unwrap();
+    Some([stunnel, rsyncd])
+}
+
+#[test]
+fn our_proxy_keeps_a_quiet_tunnel_to_stunnel_and_honours_half_close() {
+    let dir = TempDir::new("doctor-idle-ours").unwrap();
+    let Some([stunnel, _rsyncd]) = stunnel_rsyncd(&dir) else {
+        return;
+    };
+    let proxy = our_proxy();
+    let t = stunnel.addr.to_string();
+    let o = doctor(&[&our_url(&proxy), "--target", &t, "--idle", "3s"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", stunnel.log_report());
+    let l = line(&out, "idle");
+    assert!(l.contains(" pass "), "{out}");
+    assert!(
+        l.contains("open through 3.0 s of silence")
+            && l.contains("the target's close_notify came back"),
+        "{out}"
+    );
+    let l = line(&out, "half-close");
+    assert!(
+        l.contains(" pass ") && l.contains("honoured: 3 times"),
+        "{out}"
+    );
+    assert!(l.contains("ServerHello still came back"), "{out}");
+    assert!(!out.contains(PASS) && !out.contains(PASS_IN_URL), "{out}");
+}
+
+#[test]
+fn our_proxys_idle_timeout_is_an_idle_cut() {
+    let Some(p) = pki("doctor-idle-timeout") else {
+        return;
+    };
+    let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+    let creds = format!("{USER}:{PASS}");
+    let mut args = TEST_POLICY.to_vec();
+    args.extend_from_slice(&["--credentials", &creds, "--idle-timeout", "2s"]);
+    let proxy = Proxy::start(&args).unwrap();
+    let o = doctor(&[
+        &our_url(&proxy),
+        "--target",
+        &target.addr.to_string(),
+        "--idle",
+        "4s",
+        "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains(r#""ok":false"#), "{out}");
+    let c = json_check(&out, "idle");
+    assert!(c.contains(r#""outcome":"fail""#), "{out}");
+    assert!(c.contains("(the client saw a FIN)"), "{out}");
+    let after = cut_after(c);
+    assert!((1.8..3.5).contains(&after), "cut after {after} s: {out}");
+    assert!(
+        json_check(&out, "half-close").contains(r#""outcome":"pass""#),
+        "{out}"
+    );
+}
+
+#[test]
+fn tinyproxy_timeout_is_an_idle_cut_and_it_does_not_honour_half_close() {
+    let Some(p) = pki("doctor-idle-tinyproxy") else {
+        return;
+    };
+    if let Err(e) = require_tools(&["tinyproxy"]) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let tiny = splice_proxy_tests::peers::tinyproxy_with_timeout(p.dir.path(), 2).unwrap();
+    let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+    let t = target.addr.to_string();
+    let o = doctor(&[
+        &format!("http://{}", tiny.addr),
+        "--target",
+        &t,
+        "--idle",
+        "4s",
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{}", tiny.log_report());
+    assert!(line(&out, "connect").contains(" pass "), "{out}");
+    let l = line(&out, "idle");
+    assert!(l.contains(" fail ") && l.contains("idle cut"), "{out}");
+    assert!(l.contains("(the client saw a FIN)"), "{out}");
+    assert!(l.contains("sooner than the 4.0 s of --idle"), "{out}");
+    assert!(l.contains("tinyproxy: Timeout"), "{out}");
+    let after = cut_after(l);
+    assert!((1.8..3.5).contains(&after), "cut after {after} s: {out}");
+    let l = line(&out, "half-close");
+    assert!(l.contains(" info ") && l.contains("not honoured"), "{out}");
+    assert!(out.ends_with("verdict: this proxy cannot carry a migration as it is\n"));
+}
+
+/// A listener on loopback that runs `each` on every connection, a thread each.
+fn serve_each(each: impl Fn(TcpStream) + Copy + Send + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || each(s));
+        }
+    });
+    addr
+}
+
+/// A CONNECT proxy that forgets a tunnel quiet for `quiet`, as a firewall or NAT does: from
+/// then on it passes nothing, either way, and closes nothing.
+fn forgetful_proxy(quiet: Duration) -> SocketAddr {
+    serve_each(move |client| forget_after(client, quiet))
+}
+
+fn forget_after(mut client: TcpStream, quiet: Duration) {
+    let head = tls::read_request_head(&mut client);
+    let Some(Ok(upstream)) = head.split_whitespace().nth(1).map(TcpStream::connect) else {
+        return;
+    };
+    let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let relay = move |mut from: TcpStream, mut to: TcpStream, last: Arc<Mutex<Instant>>| {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = from.read(&mut buf) {
+            let mut seen = last.lock().unwrap();
+            if seen.elapsed() > quiet {
+                continue;
+            }
+            *seen = Instant::now();
+            drop(seen);
+            if n == 0 {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    };
+    let (c, u, l) = (
+        client.try_clone().unwrap(),
+        upstream.try_clone().unwrap(),
+        last.clone(),
+    );
+    std::thread::spawn(move || relay(c, u, l));
+    relay(upstream, client, last);
+}
+
+#[test]
+fn a_tunnel_dropped_silently_is_found_by_comparing_with_a_fresh_one() {
+    let Some(p) = pki("doctor-idle-forgetful") else {
+        return;
+    };
+    let target = TlsServer::start(&p.server, tls::hold()).unwrap();
+    let proxy = forgetful_proxy(Duration::from_millis(500));
+    let o = doctor(&[
+        &format!("http://{proxy}"),
+        "--target",
+        &target.addr.to_string(),
+        "--idle",
+        "1s",
+        "--timeout",
+        "2s",
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let l = line(&out, "idle");
+    assert!(l.contains(" fail "), "{out}");
+    assert!(
+        l.contains("no close during 1.0 s of silence")
+            && l.contains("nothing came back")
+            && l.contains("on a fresh tunnel it answers at once")
+            && l.contains("dropped the quiet tunnel"),
+        "{out}"
+    );
+}
+
+/// A plain TCP echo service.
+fn echo_target() -> SocketAddr {
+    serve_each(|s| {
+        let mut back = s.try_clone().unwrap();
+        let _ = std::io::copy(&mut &s, &mut back);
+    })
+}
+
+#[test]
+fn throughput_through_our_proxy_needs_an_echo() {
+    let proxy = our_proxy();
+    let echo = echo_target().to_string();
+    let o = doctor(&[
+        &our_url(&proxy),
+        "--target",
+        &echo,
+        "--throughput-mib",
+        "32",
+        "--idle",
+        "1s",
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    // An echo is no TLS endpoint: no silence to measure, and no ClientHello answered.
+    let l = line(&out, "idle");
+    assert!(
+        l.contains(" cannot tell ") && l.contains("no TLS handshake"),
+        "{out}"
+    );
+    let l = line(&out, "half-close");
+    assert!(
+        l.contains(" cannot tell ") && l.contains("not run"),
+        "{out}"
+    );
+    let l = line(&out, "throughput");
+    assert!(l.contains(" pass "), "{out}");
+    assert!(
+        l.contains("32 MiB (33554432 bytes) sent and echoed back intact in "),
+        "{out}"
+    );
+    let mb_s: f64 = l
+        .split(" s: ")
+        .nth(1)
+        .and_then(|r| r.split(" MB/s").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MB/s in {l}"));
+    assert!(mb_s > 0.0, "{out}");
+    assert!(l.contains(" Gbit/s) each way"), "{out}");
+
+    // A TLS target answers the bytes with an alert: no echo, no figure.
+    let Some(p) = pki("doctor-throughput-tls") else {
+        return;
+    };
+    let tls_target = TlsServer::start(&p.server, tls::hold()).unwrap();
+    let t = tls_target.addr.to_string();
+    let o = doctor(&[
+        &our_url(&proxy),
+        "--target",
+        &t,
+        "--throughput-mib",
+        "1",
+        "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "cannot tell is no failure: {out}");
+    let c = json_check(&out, "throughput");
+    assert!(c.contains(r#""outcome":"cannot tell""#), "{out}");
+    assert!(c.contains("the target does not echo"), "{out}");
 }

@@ -9,6 +9,10 @@ pub enum Outcome {
     Pass,
     Fail,
     CannotTell,
+    /// Not run because it was not asked for; the reason says how to ask.
+    Skipped,
+    /// Something worth knowing that a migration does not depend on (half-close not honoured).
+    Info,
 }
 
 impl Outcome {
@@ -17,9 +21,14 @@ impl Outcome {
             Outcome::Pass => "pass",
             Outcome::Fail => "fail",
             Outcome::CannotTell => "cannot tell",
+            Outcome::Skipped => "skipped",
+            Outcome::Info => "info",
         }
     }
 }
+
+/// The reason of a check that needs a tunnel when check 1 got none.
+pub const NO_TUNNEL: &str = "not run: no tunnel to the target (see the connect check)";
 
 /// One check's line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +71,8 @@ pub struct Report {
 }
 
 impl Report {
-    /// 0 when nothing a migration needs failed, 1 otherwise. A check that cannot tell is not a
-    /// failure: it is printed, and the operator decides.
+    /// 0 when nothing a migration needs failed, 1 otherwise. A check that cannot tell, was
+    /// skipped or only informs is not a failure: it is printed, and the operator decides.
     pub fn exit_code(&self) -> u8 {
         u8::from(self.findings.iter().any(|f| f.outcome == Outcome::Fail))
     }
@@ -121,6 +130,7 @@ mod tests {
     fn exit_status_is_one_only_on_a_failure() {
         assert_eq!(report(&[Outcome::Pass]).exit_code(), 0);
         assert_eq!(report(&[Outcome::Pass, Outcome::CannotTell]).exit_code(), 0);
+        assert_eq!(report(&[Outcome::Skipped, Outcome::Info]).exit_code(), 0);
         assert_eq!(report(&[Outcome::Pass, Outcome::Fail]).exit_code(), 1);
     }
 

@@ -19,7 +19,7 @@ use rustls::{
     SignatureScheme, StreamOwned,
 };
 
-use super::report::{Finding, Outcome};
+use super::report::{Finding, NO_TUNNEL, Outcome};
 
 /// Name of this check in the report.
 pub const TLS: &str = "tls";
@@ -213,14 +213,18 @@ pub fn server_name(hostport: &str) -> Result<ServerName<'static>, String> {
         .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address"))
 }
 
-/// Runs a TLS handshake over `tcp` to `name`, never refusing the chain; returns the session and
-/// what was seen. `alpn` is offered as is (`http/1.1` for the API server, nothing for stunnel).
-pub fn handshake(
-    tcp: TcpStream,
+/// A TLS client for `name` that never refuses the chain, for one who only needs its ClientHello
+/// (the half-close check).
+pub fn client(name: ServerName<'static>) -> Result<ClientConnection, String> {
+    recording_client(name, None, &[]).map(|(conn, _)| conn)
+}
+
+/// A TLS client for `name` that never refuses the chain, and what records it.
+fn recording_client(
     name: ServerName<'static>,
     ca: Option<&Ca>,
     alpn: &[&[u8]],
-) -> Result<(Session, Seen), String> {
+) -> Result<(ClientConnection, Arc<Recorder>), String> {
     let provider = provider();
     let ca_verifier = match ca {
         Some(ca) => Some(
@@ -243,6 +247,18 @@ pub fn handshake(
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let conn = ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    Ok((conn, recorder))
+}
+
+/// Runs a TLS handshake over `tcp` to `name`, never refusing the chain; returns the session and
+/// what was seen. `alpn` is offered as is (`http/1.1` for the API server, nothing for stunnel).
+pub fn handshake(
+    tcp: TcpStream,
+    name: ServerName<'static>,
+    ca: Option<&Ca>,
+    alpn: &[&[u8]],
+) -> Result<(Session, Seen), String> {
+    let (conn, recorder) = recording_client(name, ca, alpn)?;
     let mut session = StreamOwned::new(conn, tcp);
     while session.conn.is_handshaking() {
         if let Err(e) = session.conn.complete_io(&mut session.sock) {
@@ -316,11 +332,7 @@ pub fn check(
     timeout: Duration,
 ) -> Finding {
     let Some(tunnel) = tunnel else {
-        return Finding::new(
-            TLS,
-            Outcome::CannotTell,
-            "not run: no tunnel to the target (see the connect check)",
-        );
+        return Finding::new(TLS, Outcome::CannotTell, NO_TUNNEL);
     };
     let through = server_name(target).and_then(|n| handshake(tunnel, n, ca, &[]).map(|(_, s)| s));
     let direct = direct(target, timeout);
