@@ -18,7 +18,7 @@ use crate::policy::{DstPattern, Policy, PortSet};
 use crate::proxy_url::ProxyUrl;
 use crate::server::Settings;
 pub use crate::tunnel::ModeArg;
-use crate::tunnel::holds::{Backlog, Overrun};
+use crate::tunnel::holds::{Backlog, Overrun, Start};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -112,6 +112,13 @@ pub struct RunArgs {
     /// but a peer on the same host waits ~200 ms each time).
     #[arg(long = "sockmap-overrun", value_enum, default_value = "splice")]
     pub sockmap_overrun: Overrun,
+
+    /// sockmap: where each direction of a tunnel starts. splice: forwarded by splice(2) until
+    /// its reader has kept up for 50 ms, then on the kernel path (a short tunnel, or one whose
+    /// reader is slow from the start, never uses the maps); kernel: on the kernel path from the
+    /// 200 on.
+    #[arg(long = "sockmap-start", value_enum, default_value = "splice")]
+    pub sockmap_start: Start,
 
     /// Most tunnels open at once; more get 503.
     #[arg(long = "max-tunnels", value_name = "N", default_value = "10000", value_parser = parse_positive)]
@@ -313,7 +320,10 @@ impl RunArgs {
             allow_dst: self.allow_dst,
             allow_port,
             mode: self.mode,
-            sockmap_backlog: self.sockmap_backlog.with_overrun(self.sockmap_overrun),
+            sockmap_backlog: self
+                .sockmap_backlog
+                .with_overrun(self.sockmap_overrun)
+                .with_start(self.sockmap_start),
             max_tunnels: self.max_tunnels,
             max_handshakes: self.max_handshakes,
             max_conns_per_ip: self.max_conns_per_ip,
@@ -523,6 +533,9 @@ mod tests {
         let pause = run_args(&["--sockmap-overrun", "pause", "--sockmap-backlog", "1MiB"]).unwrap();
         assert_eq!(pause.sockmap_backlog.overrun(), Overrun::Pause);
         assert_eq!(pause.sockmap_backlog.bytes(), 1 << 20);
+        assert_eq!(c.sockmap_backlog.start(), Start::Splice);
+        let kernel = run_args(&["--sockmap-start", "kernel"]).unwrap();
+        assert_eq!(kernel.sockmap_backlog.start(), Start::Kernel);
         assert_eq!(
             run_args(&["--max-conns-per-ip", "0"])
                 .unwrap()
@@ -598,6 +611,7 @@ mod tests {
             (&["--allow-port", "0"][..], "--allow-port"),
             (&["--mode", "bogus"][..], "--mode"),
             (&["--sockmap-overrun", "drop"][..], "--sockmap-overrun"),
+            (&["--sockmap-start", "later"][..], "--sockmap-start"),
             (&["--listen", "nowhere"][..], "--listen"),
             (&["--header-timeout", "0"][..], "--header-timeout"),
             (&["--max-tunnels", "0"][..], "--max-tunnels"),

@@ -232,10 +232,14 @@ fn counts_exactly(mode: &str) {
     }
     expect("splice_proxy_handshake_seconds_count".into(), 2.0);
     if mode == "sockmap" {
-        // Far below the default backlog bound: the program redirected every byte, held none.
-        expect(
-            "splice_proxy_sockmap_redirected_bytes_total".into(),
+        // Far below the default backlog bound: every byte was spliced (each direction starts
+        // spliced) or redirected by the program, none held.
+        let moved = d("splice_proxy_sockmap_redirected_bytes_total")
+            + d("splice_proxy_sockmap_spliced_bytes_total");
+        assert_eq!(
+            moved,
             (UP + DOWN + RESET_UP) as f64,
+            "redirected + spliced bytes"
         );
         expect("splice_proxy_sockmap_held_bytes_total".into(), 0.0);
         expect("splice_proxy_sockmap_passed_bytes_total".into(), 0.0);
@@ -331,7 +335,14 @@ fn sockmap_program_counters_on_metrics() {
         return;
     }
     let mut args: Vec<&str> = TEST_POLICY.to_vec();
-    args.extend_from_slice(&["--mode", "sockmap", "--allow-anonymous"]);
+    // On the kernel path from the first byte, so the program's counters see every one.
+    args.extend_from_slice(&[
+        "--mode",
+        "sockmap",
+        "--allow-anonymous",
+        "--sockmap-start",
+        "kernel",
+    ]);
     let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
     wait_healthy(maddr);
     let text = scrape_text(maddr);

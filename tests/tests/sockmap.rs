@@ -188,6 +188,8 @@ struct Bounded {
 }
 
 impl Bounded {
+    /// `--sockmap-overrun relay` is about the kernel path: its tunnels start there
+    /// (`--sockmap-start kernel`); the others start as the default does, spliced.
     fn start(backlog: &str, overrun: &str) -> Bounded {
         let mut args: Vec<&str> = TEST_POLICY.to_vec();
         args.extend_from_slice(&[
@@ -199,6 +201,9 @@ impl Bounded {
             "--sockmap-overrun",
             overrun,
         ]);
+        if overrun == "relay" {
+            args.extend_from_slice(&["--sockmap-start", "kernel"]);
+        }
         let (proxy, maddr) = Proxy::start_with_metrics(&args).unwrap();
         let before = scrape(maddr);
         let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -381,15 +386,16 @@ fn stalled_upstream(overrun: &str, default_secs: u64) {
         "{redirected} bytes redirected + {held} held + {spliced} spliced for {written} sent"
     );
     if overrun == "splice" {
-        // Left the kernel path by splice, or, when the client reached the bound before the
-        // detach walk finished (a busy machine), held: a reader that reads nothing is caught up
-        // once it reads again (the bound asserted above held meanwhile), a fast one relayed.
+        // The direction starts spliced and a reader that reads nothing keeps it there (no
+        // quiet period to join the kernel path in): the bound above held for the spliced
+        // direction. Had it joined, it would have left the kernel path by splice or, when the
+        // client reached the bound before the detach walk finished (a busy machine), held.
         let detaches = access_field(&line, "detaches").unwrap();
         let relays = access_field(&line, "relays").unwrap();
-        eprintln!("{detaches} detaches, {relays} relays, {held} bytes held");
+        eprintln!("{detaches} detaches, {relays} relays, {held} bytes held, {spliced} spliced");
         assert!(
-            (detaches >= 1 && spliced > 0.0) || held > 0.0,
-            "a stalled upstream and the direction neither left the kernel path nor held: {line}"
+            spliced > 0.0 || held > 0.0,
+            "a stalled upstream and the direction was neither spliced nor held: {line}"
         );
     }
 }

@@ -377,8 +377,8 @@ impl Metrics {
         );
         self.registry.register(
             "splice_proxy_sockmap_rearms",
-            "Times a spliced direction of a sockmap tunnel returned to the kernel path once its \
-             reader kept up, counted when the tunnel ends",
+            "Times a spliced direction of a sockmap tunnel joined or returned to the kernel path \
+             once its reader kept up, counted when the tunnel ends",
             self.sockmap_rearms.clone(),
         );
         self.registry.register(

@@ -51,6 +51,17 @@ pub enum Overrun {
     Pause,
 }
 
+/// Where each direction of a sockmap tunnel starts (`--sockmap-start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Start {
+    /// Forwarded by splice(2), joining the kernel path at its first quiet period
+    /// ([`SPLICE_QUIET`]): a tunnel that closes sooner, or whose reader is the bottleneck from
+    /// the start, never pays for the maps or a detach.
+    Splice,
+    /// On the kernel path from the `200` on.
+    Kernel,
+}
+
 /// How long a relayed direction must go without pressing against its bound before the kernel
 /// forwards it again.
 pub const RELAY_QUIET: Duration = Duration::from_millis(20);
@@ -70,6 +81,7 @@ pub const PERSIST_STALL: Duration = Duration::from_millis(200);
 pub struct Backlog {
     bound: u64,
     overrun: Overrun,
+    start: Start,
 }
 
 const KIB: u64 = 1024;
@@ -85,7 +97,7 @@ impl Backlog {
     pub fn new(bytes: u64) -> Option<Backlog> {
         (bytes >= Self::MIN_BYTES).then_some(Backlog {
             bound: bytes,
-            overrun: Overrun::Splice,
+            ..Backlog::default()
         })
     }
 
@@ -93,8 +105,17 @@ impl Backlog {
         Backlog { overrun, ..self }
     }
 
+    pub fn with_start(self, start: Start) -> Backlog {
+        Backlog { start, ..self }
+    }
+
     pub fn bytes(self) -> u64 {
         self.bound
+    }
+
+    /// Where a tunnel's directions start.
+    pub fn start(self) -> Start {
+        self.start
     }
 
     pub fn overrun(self) -> Overrun {
@@ -161,6 +182,7 @@ impl Default for Backlog {
         Backlog {
             bound: Self::DEFAULT_BYTES,
             overrun: Overrun::Splice,
+            start: Start::Splice,
         }
     }
 }

@@ -257,19 +257,43 @@ pub async fn forward(
             &cancel,
         ))
     };
+    let splice_both = || {
+        Box::pin(both(
+            splice::pump,
+            &client,
+            &upstream,
+            &progress,
+            idle,
+            &cancel,
+        ))
+    };
     let end = match (mode, handoff.0) {
         // Sockmap with a socket half-closed before the handoff: see DataPath::register.
         (Mode::Copy, _) | (Mode::Sockmap, None) => copy_both().await,
-        (Mode::Splice, _) => {
-            Box::pin(both(
-                splice::pump,
-                &client,
-                &upstream,
-                &progress,
-                idle,
-                &cancel,
-            ))
-            .await
+        (Mode::Splice, _) => splice_both().await,
+        (Mode::Sockmap, Some(mut reg)) if reg.splice_first() => {
+            match Box::pin(first_byte(&client, &upstream, idle, &cancel)).await {
+                First::Ended(end) => end,
+                // Closing before its first byte: splice mode's pumps end it (a FIN costs them
+                // no pipe), and the pipes, epoll sets and maps of a spliced start are never
+                // paid for.
+                First::Closing => splice_both().await,
+                First::Data => {
+                    // Both directions start spliced, out of tokio's reactor like a fully armed
+                    // tunnel.
+                    let (end, sockets) = match reg.start_spliced(&client, &upstream) {
+                        Ok(()) => Box::pin(reg.run_detached(client, upstream, idle, &cancel)).await,
+                        Err(e) => (End::failed(Stage::Arm)(e), to_std(client, upstream)),
+                    };
+                    if let Some((c, u)) = &sockets {
+                        reset_if(&end, c, u);
+                    }
+                    let tally = (*reg).close(sockets);
+                    progress.up.fetch_add(tally.up, Ordering::Relaxed);
+                    progress.down.fetch_add(tally.down, Ordering::Relaxed);
+                    return sockmap_outcome(&progress, end, tally);
+                }
+            }
         }
         (Mode::Sockmap, Some(mut reg)) => {
             let (end, detached) = match reg.arm(&client, &upstream).await {
@@ -296,17 +320,7 @@ pub async fn forward(
             let tally = (*reg).close(detached.flatten());
             progress.up.fetch_add(tally.up, Ordering::Relaxed);
             progress.down.fetch_add(tally.down, Ordering::Relaxed);
-            return Outcome {
-                bytes_up: progress.up.load(Ordering::Relaxed),
-                bytes_down: progress.down.load(Ordering::Relaxed),
-                end,
-                relays: tally.relays,
-                kernel_bytes: tally.kernel,
-                spliced_bytes: tally.spliced,
-                relayed_bytes: tally.relayed,
-                detaches: tally.detaches,
-                rearms: tally.rearms,
-            };
+            return sockmap_outcome(&progress, end, tally);
         }
     };
     reset_if(&end, &client, &upstream);
@@ -320,6 +334,67 @@ pub async fn forward(
         relayed_bytes: 0,
         detaches: 0,
         rearms: 0,
+    }
+}
+
+/// How a sockmap tunnel starting spliced (`Start::Splice`) began.
+enum First {
+    /// Bytes to read on either socket, both still ESTABLISHED.
+    Data,
+    /// A FIN or an error came before any byte.
+    Closing,
+    /// Unused for the idle timeout, or the proxy is shutting down.
+    Ended(End),
+}
+
+/// Waits in tokio's reactor until either socket has something to read: bytes, a FIN or an
+/// error.
+async fn first_byte(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Option<Duration>,
+    cancel: &CancellationToken,
+) -> First {
+    let mut idle = std::pin::pin!(async {
+        match idle {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    });
+    loop {
+        let woken = tokio::select! {
+            // A readiness error is the pumps' or the splice's to meet.
+            _ = client.readable() => client,
+            _ = upstream.readable() => upstream,
+            () = cancel.cancelled() => return First::Ended(End::Shutdown),
+            () = &mut idle => return First::Ended(End::Idle),
+        };
+        if !sys::established(client.as_raw_fd()) || !sys::established(upstream.as_raw_fd()) {
+            return First::Closing;
+        }
+        let queued = |s: &TcpStream| sys::inq(s.as_raw_fd()).map_or(true, |n| n > 0);
+        if queued(client) || queued(upstream) {
+            return First::Data;
+        }
+        // Readiness left over from reading the request head: clear it and wait on.
+        let _ = woken.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+}
+
+/// A sockmap tunnel's outcome: its bytes (`progress` has the tally's added) and how they went.
+fn sockmap_outcome(progress: &Progress, end: End, tally: sockmap::Tally) -> Outcome {
+    Outcome {
+        bytes_up: progress.up.load(Ordering::Relaxed),
+        bytes_down: progress.down.load(Ordering::Relaxed),
+        end,
+        relays: tally.relays,
+        kernel_bytes: tally.kernel,
+        spliced_bytes: tally.spliced,
+        relayed_bytes: tally.relayed,
+        detaches: tally.detaches,
+        rearms: tally.rearms,
     }
 }
 

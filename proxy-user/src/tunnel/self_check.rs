@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::end::End;
-use super::holds::Overrun;
+use super::holds::{Overrun, Start};
 use super::sockmap::Sockmap;
 
 async fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
@@ -30,7 +30,11 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 pub(super) async fn run(sm: &Sockmap) -> Result<(), String> {
     tokio::time::timeout(Duration::from_secs(10), async {
         check(sm).await?;
-        check_bound(sm).await
+        check_bound(sm).await?;
+        if sm.backlog().start() == Start::Splice {
+            check_spliced_start(sm).await?;
+        }
+        Ok(())
     })
     .await
     .map_err(|_| "timed out after 10 s".to_string())?
@@ -128,14 +132,7 @@ async fn check_bound(sm: &Sockmap) -> Result<(), String> {
         server.shutdown().await.map_err(io("server shutdown"))?;
         Ok::<_, String>(written + tail.len())
     };
-    // A failed check must not leave the watcher waiting for a FIN that never comes.
-    let traffic = async {
-        let r = traffic.await;
-        if r.is_err() {
-            cancel.cancel();
-        }
-        r
-    };
+    let traffic = cancel_on_error(traffic, &cancel);
     let (end, traffic) = tokio::join!(watcher, traffic);
     let written = traffic?;
     if !matches!(end, End::Closed) {
@@ -153,6 +150,137 @@ async fn check_bound(sm: &Sockmap) -> Result<(), String> {
     Ok(())
 }
 
+/// A tunnel that starts spliced (`--sockmap-start splice`): its first bytes go by splice,
+/// both directions join the kernel path once quiet, the bytes after that go through the
+/// program, every byte arrives in order, and no map entry is left afterwards.
+async fn check_spliced_start(sm: &Sockmap) -> Result<(), String> {
+    let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+    let entries_before = sm.map_entries();
+    let (mut client, proxy_client) = pair().await.map_err(io("loopback pair"))?;
+    let (proxy_upstream, mut server) = pair().await.map_err(io("loopback pair"))?;
+    let mut reg = sm
+        .register_starting(&proxy_client, &proxy_upstream, Start::Splice)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    reg.start_spliced(&proxy_client, &proxy_upstream)
+        .map_err(io("starting spliced"))?;
+    let cancel = CancellationToken::new();
+    let watcher = reg.run_detached(proxy_client, proxy_upstream, None, &cancel);
+    let (first, up, down) = (
+        pattern(64 * 1024, 11),
+        pattern(256 * 1024, 13),
+        pattern(256 * 1024, 15),
+    );
+    let traffic = async {
+        client.write_all(&first).await.map_err(io("client write"))?;
+        let mut got = vec![0u8; first.len()];
+        server
+            .read_exact(&mut got)
+            .await
+            .map_err(io("server read"))?;
+        if got != first {
+            return Err("spliced first bytes arrived corrupted".to_string());
+        }
+        // Both directions join the kernel path after their quiet period.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while reg.transitions().1 < 2 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the spliced directions did not join the kernel path ({} returns)",
+                    reg.transitions().1
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        exchange(&mut client, &mut server, &up, &down)
+            .await
+            .map_err(|e| format!("after joining the kernel path: {e}"))
+    };
+    let traffic = cancel_on_error(traffic, &cancel);
+    let ((end, sockets), traffic) = tokio::join!(watcher, traffic);
+    traffic?;
+    if !matches!(end, End::Closed) {
+        return Err(format!(
+            "spliced tunnel ended {end} ({:?}) instead of closing",
+            end.error()
+        ));
+    }
+    let tally = reg.close(sockets);
+    let want = ((first.len() + up.len()) as u64, down.len() as u64);
+    if (tally.up, tally.down) != want || tally.kernel < (up.len() + down.len()) as u64 {
+        return Err(format!(
+            "spliced start: counted {tally:?}, sent {want:?}, the last {} bytes through the \
+             program",
+            up.len() + down.len()
+        ));
+    }
+    let entries = sm.map_entries();
+    if entries != entries_before {
+        return Err(format!(
+            "spliced start: map entries were left behind ({entries_before:?} before, \
+             {entries:?} after)"
+        ));
+    }
+    Ok(())
+}
+
+/// `up` client → server, then, after the client's half-close, `down` server → client: every
+/// byte in order both ways, each FIN after the last byte.
+async fn exchange(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    up: &[u8],
+    down: &[u8],
+) -> Result<(), String> {
+    let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+    let (w, r) = tokio::join!(
+        async {
+            client.write_all(up).await?;
+            client.shutdown().await
+        },
+        async {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.map(|_| got)
+        }
+    );
+    w.map_err(io("client write"))?;
+    let got = r.map_err(io("server read"))?;
+    if got != up {
+        return Err(format!(
+            "client → server: sent {} bytes, got {} (or different content)",
+            up.len(),
+            got.len()
+        ));
+    }
+    server.write_all(down).await.map_err(io("server write"))?;
+    server.shutdown().await.map_err(io("server shutdown"))?;
+    let mut got = Vec::new();
+    client
+        .read_to_end(&mut got)
+        .await
+        .map_err(io("client read"))?;
+    if got != down {
+        return Err(format!(
+            "server → client after half-close: sent {} bytes, got {}",
+            down.len(),
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A failed check must not leave the watcher waiting for a FIN that never comes.
+async fn cancel_on_error<T>(
+    traffic: impl std::future::Future<Output = Result<T, String>>,
+    cancel: &CancellationToken,
+) -> Result<T, String> {
+    let r = traffic.await;
+    if r.is_err() {
+        cancel.cancel();
+    }
+    r
+}
+
 /// Registers a pair and arms it after `pause`; both sockets must end up forwarded by the kernel.
 async fn armed<'a>(
     sm: &'a Sockmap,
@@ -160,8 +288,10 @@ async fn armed<'a>(
     proxy_upstream: &TcpStream,
     pause: Duration,
 ) -> Result<super::sockmap::Registration<'a>, String> {
+    // From the start on the kernel path: the program, the bound, the detach and the return
+    // (which is how a spliced start joins the kernel path too).
     let mut reg = sm
-        .register(proxy_client, proxy_upstream)
+        .register_starting(proxy_client, proxy_upstream, Start::Kernel)
         .await
         .map_err(|e| format!("register: {e}"))?;
     tokio::time::sleep(pause).await;
@@ -197,39 +327,7 @@ async fn check(sm: &Sockmap) -> Result<(), String> {
         }
         let up = pattern(256 * 1024, 7);
         let down = pattern(256 * 1024, 9);
-        let (w, r) = tokio::join!(
-            async {
-                client.write_all(&up).await?;
-                client.shutdown().await
-            },
-            async {
-                let mut got = Vec::new();
-                server.read_to_end(&mut got).await.map(|_| got)
-            }
-        );
-        w.map_err(io("client write"))?;
-        let got = r.map_err(io("server read"))?;
-        if got != up {
-            return Err(format!(
-                "client → server: sent {} bytes, got {} (or different content)",
-                up.len(),
-                got.len()
-            ));
-        }
-        server.write_all(&down).await.map_err(io("server write"))?;
-        server.shutdown().await.map_err(io("server shutdown"))?;
-        let mut got = Vec::new();
-        client
-            .read_to_end(&mut got)
-            .await
-            .map_err(io("client read"))?;
-        if got != down {
-            return Err(format!(
-                "server → client after half-close: sent {} bytes, got {}",
-                down.len(),
-                got.len()
-            ));
-        }
+        exchange(&mut client, &mut server, &up, &down).await?;
         Ok::<_, String>((up.len() as u64, (banner.len() + down.len()) as u64))
     };
     let (end, traffic) = tokio::join!(watcher, traffic);

@@ -1,6 +1,7 @@
 //! One direction of a sockmap tunnel forwarded by splice(2) while its reader is the bottleneck.
 //!
-//! The source socket has left `ARMED` (see `detach.rs`), so the program no longer runs on it and
+//! The source socket has left `ARMED` (see `detach.rs`), or not joined it yet (a tunnel starts
+//! spliced, `--sockmap-start splice`), so the program does not run on it and
 //! new bytes wait in its ordinary receive queue, under TCP's own flow control; the reverse
 //! direction stays in the kernel. This moves them source → pipe → peer until the peer has not
 //! been full for a quiet period, then hands back with the pipe empty and the source's queue seen

@@ -34,6 +34,8 @@ pub(super) trait Kernel: Counters {
     fn detach(&self, cookie: u64) -> impl Future<Output = Answer> + Send;
     /// Puts the socket back into `ARMED`: the program runs on it again.
     fn arm(&self, cookie: u64, fd: RawFd) -> io::Result<()>;
+    /// Makes each socket of the tunnel the other's redirect target, if not done yet.
+    fn join(&self) -> io::Result<()>;
     /// Userspace moved `n` held bytes of `dir`.
     fn count_moved(&self, dir: Dir, n: usize);
     /// A direction started relaying (`n` times), left the kernel path, or came back.
@@ -65,6 +67,10 @@ impl Kernel for Registration<'_> {
         self.arm_socket(cookie, fd)
     }
 
+    fn join(&self) -> io::Result<()> {
+        self.join_maps()
+    }
+
     fn count_moved(&self, dir: Dir, n: usize) {
         self.userspace.add(dir.into(), n);
     }
@@ -94,14 +100,19 @@ pub(super) struct Movers {
     /// How long each direction stays spliced at least.
     pub(super) up_backoff: Backoff,
     pub(super) down_backoff: Backoff,
+    /// The program runs on the direction's source (armed), whether or not it is spliced now.
+    pub(super) up_armed: bool,
+    pub(super) down_armed: bool,
     pub(super) client: RawFd,
     pub(super) upstream: RawFd,
 }
 
 impl Movers {
-    /// Both directions on the kernel path, nothing to move yet.
-    fn new(up: Mover, down: Mover, client: RawFd, upstream: RawFd) -> Movers {
+    /// Nothing to move yet; `armed`: which directions the program forwards (up, down).
+    fn new(up: Mover, down: Mover, armed: (bool, bool), client: RawFd, upstream: RawFd) -> Movers {
         Movers {
+            up_armed: armed.0,
+            down_armed: armed.1,
             up,
             down,
             up_moving: false,
@@ -127,6 +138,21 @@ impl Movers {
         match dir {
             Dir::Up => (self.client, self.upstream),
             Dir::Down => (self.upstream, self.client),
+        }
+    }
+
+    /// Whether the program forwards `dir` now: armed and not spliced.
+    pub(super) fn on_kernel_path(&self, dir: Dir) -> bool {
+        match dir {
+            Dir::Up => self.up_armed && self.up_spliced.is_none(),
+            Dir::Down => self.down_armed && self.down_spliced.is_none(),
+        }
+    }
+
+    fn set_armed(&mut self, dir: Dir) {
+        match dir {
+            Dir::Up => self.up_armed = true,
+            Dir::Down => self.down_armed = true,
         }
     }
 
@@ -214,6 +240,7 @@ impl Registration<'_> {
         Movers::new(
             Mover::new(self.client, self.base_upstream, backlog),
             Mover::new(self.upstream, self.base_client, backlog),
+            (self.client_armed, self.upstream_armed),
             client,
             upstream,
         )
@@ -300,27 +327,57 @@ impl Movers {
         }
     }
 
-    /// The spliced direction `dir` kept up: back to the kernel path, unless its source can no
+    /// A direction that starts spliced (`Start::Splice`): it joins the kernel path at its first
+    /// quiet period, or at once where no pipe can be had.
+    /// Its peer's send buffer is sized as for any spliced stretch: large, so the peer wakes the
+    /// splice rarely (left to autotuning, wan-1G cost 1.50× splice's proxy CPU, against 1.14×).
+    pub(super) fn start_spliced(&mut self, k: &impl Kernel, dir: Dir) -> Result<(), End> {
+        let (src, dst) = self.fds(dir);
+        let failed = End::failed(Stage::Arm);
+        set_sndbuf(dst, k.backlog().spliced_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
+        match Spliced::new(src, dst, 0) {
+            Ok(sp) => self.set_spliced(dir, sp),
+            Err(e) => {
+                tracing::warn!("sockmap: cannot splice ({e}); the kernel forwards at once");
+                k.join().map_err(failed)?;
+                self.rearm_socket(k, dir, 0).map_err(failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The spliced direction `dir` kept up: back to the kernel path, unless its sockets can no
     /// longer join the sockmap (then it is spliced to its end).
     fn rearm(&mut self, k: &impl Kernel, dir: Dir) -> io::Result<()> {
         let Some(sp) = self.take_spliced(dir) else {
             return Ok(());
         };
         let (src, dst) = self.fds(dir);
+        if let Err(e) = k.join() {
+            // A socket that is no longer ESTABLISHED cannot enter a sockmap; a full map is
+            // worth a word.
+            if established(src) && established(dst) {
+                tracing::warn!("sockmap: {e}; this direction stays spliced");
+            }
+            return self.splice_to_the_end(k, dir, sp);
+        }
         match self.rearm_socket(k, dir, sp.written()) {
             Ok(()) => {
                 self.backoff(dir).returned(std::time::Instant::now());
                 Ok(())
             }
-            Err(_) if !established(src) => {
-                let mut sp = sp;
-                sp.splice_to_the_end();
-                set_sndbuf(dst, k.backlog().spliced_sndbuf(PIPE_SIZE as u64))?;
-                self.set_spliced(dir, sp);
-                Ok(())
-            }
+            Err(_) if !established(src) => self.splice_to_the_end(k, dir, sp),
             Err(e) => Err(e),
         }
+    }
+
+    /// `dir` cannot return to the kernel path: it stays spliced until its FIN.
+    fn splice_to_the_end(&mut self, k: &impl Kernel, dir: Dir, mut sp: Spliced) -> io::Result<()> {
+        sp.splice_to_the_end();
+        let (_, dst) = self.fds(dir);
+        set_sndbuf(dst, k.backlog().spliced_sndbuf(PIPE_SIZE as u64))?;
+        self.set_spliced(dir, sp);
+        Ok(())
     }
 
     /// Puts a detached source back into `ARMED` after `spliced` bytes went to its peer by
@@ -335,6 +392,7 @@ impl Movers {
         k.set_limit(cookie, limit)?;
         set_sndbuf(dst, k.backlog().sndbuf())?;
         k.arm(cookie, src)?;
+        self.set_armed(dir);
         k.count_rearm();
         Ok(())
     }
@@ -428,6 +486,7 @@ mod tests {
         answers: RefCell<VecDeque<Answer>>,
         calls: RefCell<Vec<Call>>,
         arm_fails: Cell<bool>,
+        join_fails: Cell<bool>,
         relays: Cell<u64>,
         detaches: Cell<u64>,
         rearms: Cell<u64>,
@@ -439,6 +498,7 @@ mod tests {
         SetLimit(u64, Limit),
         ResetSeq(u64),
         Arm(u64, RawFd),
+        Join,
     }
 
     impl FakeKernel {
@@ -450,6 +510,7 @@ mod tests {
                 answers: RefCell::new(answers.into_iter().collect()),
                 calls: RefCell::new(Vec::new()),
                 arm_fails: Cell::new(false),
+                join_fails: Cell::new(false),
                 relays: Cell::new(0),
                 detaches: Cell::new(0),
                 rearms: Cell::new(0),
@@ -505,6 +566,13 @@ mod tests {
             }
             Ok(())
         }
+        fn join(&self) -> io::Result<()> {
+            self.calls.borrow_mut().push(Call::Join);
+            if self.join_fails.get() {
+                return Err(io::Error::other("PEERS is full"));
+            }
+            Ok(())
+        }
         fn count_moved(&self, _: Dir, _: usize) {}
         fn count_relays(&self, n: u64) {
             self.relays.set(self.relays.get() + n);
@@ -550,6 +618,7 @@ mod tests {
         Movers::new(
             Mover::new(UP, 0, backlog),
             Mover::new(DOWN, 0, backlog),
+            (true, true),
             t.src.as_raw_fd(),
             t.dst.as_raw_fd(),
         )
@@ -668,6 +737,7 @@ mod tests {
         assert_eq!(
             k.calls(),
             [
+                Call::Join,
                 Call::ResetSeq(UP),
                 Call::SetLimit(UP, k.backlog.limit(spliced_bytes.len() as u64, false)),
                 Call::Arm(UP, t.src.as_raw_fd()),
@@ -677,6 +747,70 @@ mod tests {
             (k.detaches.get(), k.rearms.get(), k.relays.get()),
             (1, 1, 0)
         );
+    }
+
+    /// `Start::Splice`: both directions begin spliced with nothing in the maps; the first quiet
+    /// period joins the maps, then arms the source, with the spliced bytes in the peer's base.
+    #[tokio::test]
+    async fn a_direction_that_starts_spliced_joins_the_maps_at_its_first_quiet_period() {
+        let t = tunnel();
+        let k = FakeKernel::new([]);
+        let mut m = movers(k.backlog, &t);
+        (m.up_armed, m.down_armed) = (false, false);
+        m.start_spliced(&k, Dir::Up).unwrap();
+        m.start_spliced(&k, Dir::Down).unwrap();
+        assert!(m.up_spliced.is_some() && m.down_spliced.is_some());
+        assert!(!m.on_kernel_path(Dir::Up) && !m.on_kernel_path(Dir::Down));
+        assert_eq!(k.calls(), [], "nothing enters the maps at the start");
+
+        let data = pattern(700 * KIB, 0x3c);
+        let reader = read_up_to(&t.server_app, data.len());
+        (&t.client_app).write_all(&data).unwrap();
+        let progress = Progress::new();
+        let stop = run_spliced(&mut m, &k, &progress).await;
+        assert!(matches!(stop, Stop::Quiet), "the reader kept up");
+        assert!(reader.join().unwrap() == data, "every byte, in order");
+        assert_eq!(progress.up.load(Ordering::Relaxed), data.len() as u64);
+
+        assert!(!m.spliced_stopped(&k, Dir::Up, Ok(stop)).unwrap());
+        assert!(m.on_kernel_path(Dir::Up), "up joined the kernel path");
+        assert!(!m.on_kernel_path(Dir::Down), "down is still spliced");
+        assert_eq!(
+            k.calls(),
+            [
+                Call::Join,
+                Call::ResetSeq(UP),
+                Call::SetLimit(UP, k.backlog.limit(data.len() as u64, false)),
+                Call::Arm(UP, t.src.as_raw_fd()),
+            ]
+        );
+        assert_eq!((k.detaches.get(), k.rearms.get()), (0, 1));
+    }
+
+    /// Joining the maps fails (a full map): the direction is not armed, and splice carries it
+    /// to its FIN, every byte included.
+    #[tokio::test]
+    async fn a_direction_that_cannot_join_the_maps_is_spliced_to_its_end() {
+        let t = tunnel();
+        let k = FakeKernel::new([]);
+        let mut m = movers(k.backlog, &t);
+        m.up_armed = false;
+        m.start_spliced(&k, Dir::Up).unwrap();
+        k.join_fails.set(true);
+        let (first, last) = (pattern(64 * KIB, 5), pattern(200 * KIB, 6));
+        let reader = read_up_to(&t.server_app, usize::MAX);
+        (&t.client_app).write_all(&first).unwrap();
+        let stop = run_spliced(&mut m, &k, &Progress::new()).await;
+        assert!(!m.spliced_stopped(&k, Dir::Up, Ok(stop)).unwrap());
+        assert_eq!(k.calls(), [Call::Join], "never armed");
+        assert!(m.up_spliced.is_some(), "still spliced");
+        (&t.client_app).write_all(&last).unwrap();
+        t.client_app.shutdown(Shutdown::Write).unwrap();
+        let stop = run_spliced(&mut m, &k, &Progress::new()).await;
+        assert!(matches!(stop, Stop::Eof), "spliced to the end");
+        assert!(m.spliced_stopped(&k, Dir::Up, Ok(stop)).unwrap(), "done");
+        assert!(reader.join().unwrap() == [first, last].concat(), "then EOF");
+        assert_eq!(k.rearms.get(), 0);
     }
 
     #[tokio::test]

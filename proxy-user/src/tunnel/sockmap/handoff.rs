@@ -3,24 +3,39 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 
 use super::{Armed, DEFAULT_LIMIT_SLACK, Registration, Sockmap};
 use crate::ebpf::Counts;
-use crate::tunnel::holds::Backlog;
+use crate::tunnel::holds::{Backlog, Start};
 use crate::tunnel::pump::Progress;
 use crate::tunnel::sys::{self, established, queued_total_if_established, set_rcvlowat};
 
 impl Sockmap {
-    /// Step 1 of the handoff: makes each socket the other's redirect target.
-    /// Nothing is redirected until [`Registration::arm`].
+    /// Step 1 of the handoff: makes each socket the other's redirect target. With
+    /// `Start::Splice` nothing enters the maps yet: each direction joins at its first return to
+    /// the kernel path ([`Registration::join_maps`]). Nothing is redirected until
+    /// [`Registration::arm`] or that return.
     pub async fn register<'a>(
         &'a self,
         client: &TcpStream,
         upstream: &TcpStream,
     ) -> io::Result<Registration<'a>> {
+        self.register_starting(client, upstream, self.backlog.start())
+            .await
+    }
+
+    /// [`Sockmap::register`] with the directions starting at `start`, whatever the proxy's
+    /// setting (the start-up self-check exercises the kernel path from the start).
+    pub(in crate::tunnel) async fn register_starting<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        start: Start,
+    ) -> io::Result<Registration<'a>> {
+        let splice_first = start == Start::Splice;
         // Userspace read the request head from the client, possibly ending
         // inside an skb. The kernel hands whole skbs to the program
         // (tcp_read_skb ignores how much of one was already read), so a
@@ -28,14 +43,22 @@ impl Sockmap {
         // head and early bytes would reach upstream twice. So the client is
         // armed only if its queue has been seen empty, and that is checked
         // here, while it is still a plain socket: once in a sockmap, FIONREAD
-        // counts only the psock's queue.
-        let (moved, client_clean) = empty_queue(client, upstream).await?;
-        let mut reg = Registration {
+        // counts only the psock's queue. A spliced start reads on from where the head ended
+        // and its return is trimmed at `copied_seq` by the program, so it needs none of this.
+        let (moved, client_clean) = if splice_first {
+            (0, false)
+        } else {
+            empty_queue(client, upstream).await?
+        };
+        let reg = Registration {
             sockmap: self,
             client: sys::cookie(client)?,
             upstream: sys::cookie(upstream)?,
-            in_peers: false,
-            armed: false,
+            client_fd: client.as_raw_fd(),
+            upstream_fd: upstream.as_raw_fd(),
+            splice_first,
+            joined: AtomicBool::new(false),
+            join_failed: AtomicBool::new(false),
             base_client: 0,
             base_upstream: 0,
             forwarded_early: moved,
@@ -53,15 +76,9 @@ impl Sockmap {
             sockets_closed: false,
             bytes_taken: false,
         };
-        // Created here rather than by the program's first segment, so that a full map refuses
-        // the tunnel instead of leaving a direction uncounted (the FIN waits on the counts).
-        self.bytes
-            .update_all(&[reg.client, reg.upstream], &[Counts::default(); 2])?;
-        reg.in_peers = true;
-        self.peers
-            .update(&reg.client, &(upstream.as_raw_fd() as u32))?;
-        self.peers
-            .update(&reg.upstream, &(client.as_raw_fd() as u32))?;
+        if !splice_first {
+            reg.join_maps()?;
+        }
         Ok(reg)
     }
 }
@@ -80,7 +97,6 @@ impl Registration<'_> {
         };
         (self.base_client, self.base_upstream) = (base_client, base_upstream);
         self.bound(client, upstream)?;
-        self.armed = true;
         // Each socket is armed unless its remote sent FIN since the check;
         // then userspace forwards that socket's direction. Nothing already
         // armed is taken out again: that could drop a segment in flight
@@ -117,6 +133,46 @@ impl Registration<'_> {
         Ok(())
     }
 
+    /// Both directions start spliced (`Start::Splice`), after the `200` was written: each
+    /// peer's base is what userspace wrote to it so far, and hold wake-ups are watched. The
+    /// receive buffers are left to TCP's autotuning until their socket is armed: pinned at the
+    /// bound's size, a spliced source advertises a small window, and the sender's smaller bursts
+    /// cost a read, an ACK and a wake-up each.
+    pub fn start_spliced(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+        self.base_client = sys::queued_total(client.as_raw_fd())?;
+        self.base_upstream = sys::queued_total(upstream.as_raw_fd())?;
+        self.up_holds = Some(self.sockmap.waiters.watch(self.client));
+        self.down_holds = Some(self.sockmap.waiters.watch(self.upstream));
+        Ok(())
+    }
+
+    /// Gives both sockets their `BYTES` and `PEERS` entries, once: each becomes the other's
+    /// redirect target. The `BYTES` entries are created here rather than by the program's first
+    /// segment, so that a full map shows here instead of leaving a direction uncounted (the FIN
+    /// waits on the counts).
+    pub(super) fn join_maps(&self) -> io::Result<()> {
+        if self.joined.swap(true, Ordering::Relaxed) {
+            return match self.join_failed.load(Ordering::Relaxed) {
+                false => Ok(()),
+                true => Err(io::Error::other("the sockets could not join the maps")),
+            };
+        }
+        let both = [self.client, self.upstream];
+        let r = self
+            .sockmap
+            .bytes
+            .update_all(&both, &[Counts::default(); 2])
+            .and_then(|()| {
+                let peers = &self.sockmap.peers;
+                peers.update(&self.client, &(self.upstream_fd as u32))?;
+                peers.update(&self.upstream, &(self.client_fd as u32))
+            });
+        if r.is_err() {
+            self.join_failed.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
     fn arm_if_established(&self, cookie: u64, sock: &TcpStream) -> io::Result<bool> {
         match self.arm_socket(cookie, sock.as_raw_fd()) {
             Ok(()) => Ok(true),
@@ -128,6 +184,11 @@ impl Registration<'_> {
     /// Starts the verdict program on one socket and runs what it queued so
     /// far through it (SO_RCVLOWAT makes TCP call data_ready).
     pub(super) fn arm_socket(&self, cookie: u64, fd: RawFd) -> io::Result<()> {
+        if self.splice_first {
+            // What the socket may hold once the program holds (see `Backlog::rcvbuf`); set at
+            // the start otherwise.
+            sys::set_rcvbuf(fd, self.sockmap.backlog.rcvbuf())?;
+        }
         self.sockmap.armed.update(&cookie, &(fd as u32))?;
         set_rcvlowat(fd, 1)
     }
@@ -280,7 +341,8 @@ mod tests {
     /// leaves every map as it was, and its counts are read as the entries go.
     #[tokio::test]
     async fn limits_of_their_own_only_past_the_slack_and_nothing_left_after_close() {
-        let sm = Sockmap::start(Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let kernel_first = Backlog::default().with_start(Start::Kernel);
+        let sm = Sockmap::start(kernel_first).unwrap_or_else(|e| panic!("{e}"));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let before = sm.map_entries();
         for early in [0usize, DEFAULT_LIMIT_SLACK as usize + 1] {
@@ -327,6 +389,51 @@ mod tests {
             assert_eq!(tally.kernel, 128 * 1024, "early {early}");
             assert_eq!(sm.map_entries(), before, "early {early}: entries left");
         }
+    }
+
+    /// `Start::Splice`: registering and starting a tunnel puts nothing into the maps; its bytes
+    /// are spliced, and nothing is left in the maps once it closed.
+    #[tokio::test]
+    async fn a_spliced_start_touches_no_map_and_leaves_none() {
+        let splice_first = Backlog::default().with_start(Start::Splice);
+        let sm = Sockmap::start(splice_first).unwrap_or_else(|e| panic!("{e}"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let before = sm.map_entries();
+        let (client, client_remote) = pair(&l).await;
+        let (upstream, upstream_remote) = pair(&l).await;
+        let mut reg = sm.register(&client, &upstream).await.unwrap();
+        assert!(reg.splice_first());
+        reg.start_spliced(&client, &upstream).unwrap();
+        assert_eq!(sm.map_entries(), before, "nothing in the maps at the start");
+        let data = pattern(32 * 1024);
+        // The remotes block: they run on a thread beside the watch loop.
+        let remotes = std::thread::spawn({
+            let data = data.clone();
+            move || {
+                let (mut c, mut u) = (client_remote, upstream_remote);
+                c.write_all(&data).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut got = Vec::new();
+                u.read_to_end(&mut got).unwrap();
+                u.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                c.read_to_end(&mut rest).unwrap();
+                (got, rest)
+            }
+        });
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let run = reg.run_detached(client, upstream, None, &cancel);
+        let (end, sockets) = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+            .await
+            .expect("the tunnel ends");
+        let (got, rest) = remotes.join().unwrap();
+        assert!(matches!(end, crate::tunnel::End::Closed), "{end}");
+        assert!(got == data, "client → upstream");
+        assert!(rest.is_empty(), "upstream → client: nothing but the FIN");
+        let tally = reg.close(sockets);
+        assert_eq!((tally.up, tally.down), (data.len() as u64, 0));
+        assert_eq!(tally.relayed, 0);
+        assert_eq!(sm.map_entries(), before, "entries left behind");
     }
 
     /// An idle tunnel's userspace memory is mostly its futures. The watch loop's is boxed for

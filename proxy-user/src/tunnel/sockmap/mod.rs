@@ -3,7 +3,14 @@
 //! its peer, so tunnel bytes never reach userspace. Userspace only sets the
 //! tunnel up, watches for FIN and RST, and tears it down.
 //!
-//! Handoff, in this order (see `proxy-common` for the maps):
+//! By default (`--sockmap-start splice`) each direction starts forwarded by splice(2) and
+//! joins the kernel path at its first quiet period, the way a spliced direction returns to it
+//! (`directions.rs`); the tunnel's first return makes each socket the other's redirect target
+//! ([`Registration::join_maps`]). A tunnel that closes before its first byte never leaves
+//! tokio's reactor (`tunnel/mod.rs`).
+//!
+//! With `--sockmap-start kernel` the handoff is, in this order (see `proxy-common` for the
+//! maps):
 //! 1. `PEERS[cookie(client)] = upstream`, `PEERS[cookie(upstream)] = client`:
 //!    redirect targets exist, nothing is armed yet ([`Sockmap::register`]);
 //! 2. userspace writes the `200` to the client;
@@ -22,7 +29,8 @@
 //!   ([`Registration`], removed from every map on drop) with its byte counts by path;
 //! - `maps.rs`: the per-tunnel map operations, as `bpf()` calls that need no lock;
 //! - `closes.rs`: the one epoll set that hears FIN and errors of every fully armed tunnel;
-//! - `handoff.rs`: steps 1 and 3 of the handoff (register, then arm);
+//! - `handoff.rs`: steps 1 and 3 of the handoff (register, then arm), a spliced start, and
+//!   joining the maps;
 //! - `directions.rs`: each direction's held bytes, and a reader-bound direction leaving the
 //!   kernel path for splice(2) and coming back to it;
 //! - `watch.rs`: the one watch loop of a tunnel (FIN, errors, hold wake-ups, spliced
@@ -37,6 +45,7 @@ mod maps;
 mod watch;
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -340,8 +349,16 @@ pub struct Registration<'a> {
     sockmap: &'a Sockmap,
     client: u64,
     upstream: u64,
-    in_peers: bool,
-    armed: bool,
+    /// The sockets' descriptors, for their `PEERS` entries.
+    client_fd: RawFd,
+    upstream_fd: RawFd,
+    /// Each direction starts spliced and joins the maps at its first return (`Start::Splice`).
+    splice_first: bool,
+    /// The sockets have `BYTES` and `PEERS` entries (and may have `ARMED` ones): set before the
+    /// first is written, so a partial join is undone too.
+    joined: AtomicBool,
+    /// Joining failed (a full map): each direction stays spliced.
+    join_failed: AtomicBool,
     base_client: u64,
     base_upstream: u64,
     /// Bytes userspace moved client → upstream while emptying the queue.
@@ -374,6 +391,11 @@ pub struct Registration<'a> {
 }
 
 impl Registration<'_> {
+    /// Both directions start spliced and join the kernel path later (`Start::Splice`).
+    pub fn splice_first(&self) -> bool {
+        self.splice_first
+    }
+
     /// Both sockets are armed: the kernel forwards both directions.
     pub fn fully_armed(&self) -> bool {
         self.client_armed && self.upstream_armed
@@ -464,6 +486,10 @@ impl Registration<'_> {
         };
         drop(sockets);
         self.sockets_closed = true;
+        if !*self.joined.get_mut() {
+            // Never in the maps: everything went by splice (or userspace).
+            return self.tally_with((0, 0));
+        }
         let take = |cookie| {
             let counts = self.sockmap.bytes.take(&cookie).ok().flatten();
             counts.map_or(0, |c| c.redirected)
@@ -493,14 +519,10 @@ pub struct Tally {
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let both = [self.client, self.upstream];
-        if !self.sockets_closed {
+        if !self.sockets_closed && *self.joined.get_mut() {
             // Leave ARMED first (no program runs any more), then PEERS.
-            if self.armed {
-                let _ = self.sockmap.armed.delete_all(&both);
-            }
-            if self.in_peers {
-                let _ = self.sockmap.peers.delete_all(&both);
-            }
+            let _ = self.sockmap.armed.delete_all(&both);
+            let _ = self.sockmap.peers.delete_all(&both);
         }
         if *self.own_limits.get_mut() {
             let _ = self.sockmap.limits.delete_all(&both);
@@ -511,7 +533,7 @@ impl Drop for Registration<'_> {
                 self.sockmap.waiters.forget(c);
             }
         }
-        if !self.bytes_taken {
+        if !self.bytes_taken && *self.joined.get_mut() {
             let _ = self.sockmap.bytes.delete_all(&both);
         }
     }

@@ -74,21 +74,24 @@ impl Registration<'_> {
         let mut clock = IdleClock::new(idle, idle.map_or((0, 0), |_| self.bytes()));
         let (client_fd, upstream_fd) = (client.as_fd().as_raw_fd(), upstream.as_fd().as_raw_fd());
         let mut movers = self.movers(client_fd, upstream_fd);
+        if self.splice_first {
+            for dir in [Dir::Up, Dir::Down] {
+                if let Err(end) = movers.start_spliced(self, dir) {
+                    return end;
+                }
+            }
+        }
         while !(up_done && down_done) {
             // A FIN matters on a socket the program forwards and userspace does not read: a
             // pumped or spliced direction sees its FIN in its own reads.
-            let want = |done: bool, armed: bool, spliced: bool| match (done, armed && !spliced) {
+            let want = |done: bool, kernel: bool| match (done, kernel) {
                 (true, _) => Want::Errors,
                 (false, true) => Want::Fin,
                 (false, false) => Want::Nothing,
             };
             let wants = [
-                want(up_done, self.client_armed, movers.up_spliced.is_some()),
-                want(
-                    down_done,
-                    self.upstream_armed,
-                    movers.down_spliced.is_some(),
-                ),
+                want(up_done, movers.on_kernel_path(Dir::Up)),
+                want(down_done, movers.on_kernel_path(Dir::Down)),
             ];
             tokio::select! {
                 events = closes.next(wants) => {
@@ -115,7 +118,7 @@ impl Registration<'_> {
                         }
                     }
                 }
-                () = held(&self.up_holds), if !up_done && self.client_armed => {
+                () = held(&self.up_holds), if !up_done && movers.up_armed => {
                     if let Err(end) = movers.advance(self, Dir::Up).await {
                         return end;
                     }
@@ -126,7 +129,7 @@ impl Registration<'_> {
                         Err(end) => return end,
                     }
                 }
-                () = held(&self.down_holds), if !down_done && self.upstream_armed => {
+                () = held(&self.down_holds), if !down_done && movers.down_armed => {
                     if let Err(end) = movers.advance(self, Dir::Down).await {
                         return end;
                     }
