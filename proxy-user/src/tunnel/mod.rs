@@ -33,6 +33,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -339,7 +340,7 @@ pub async fn forward(
 
 /// How a sockmap tunnel starting spliced (`Start::Splice`) began.
 enum First {
-    /// Bytes to read on either socket, both still ESTABLISHED.
+    /// Bytes to read on either socket.
     Data,
     /// A FIN or an error came before any byte.
     Closing,
@@ -362,24 +363,28 @@ async fn first_byte(
         }
     });
     loop {
-        let woken = tokio::select! {
-            // A readiness error is the pumps' or the splice's to meet.
-            _ = client.readable() => client,
-            _ = upstream.readable() => upstream,
+        let (woken, ready) = tokio::select! {
+            r = client.ready(Interest::READABLE | Interest::ERROR) => (client, r),
+            r = upstream.ready(Interest::READABLE | Interest::ERROR) => (upstream, r),
             () = cancel.cancelled() => return First::Ended(End::Shutdown),
             () = &mut idle => return First::Ended(End::Idle),
         };
-        if !sys::established(client.as_raw_fd()) || !sys::established(upstream.as_raw_fd()) {
-            return First::Closing;
-        }
+        // Bytes first, even with a FIN behind them: the splice forwards both. (`SIOCINQ` is
+        // cheaper than the `TCP_INFO` a state check would take, and most tunnels end here.)
         let queued = |s: &TcpStream| sys::inq(s.as_raw_fd()).map_or(true, |n| n > 0);
         if queued(client) || queued(upstream) {
             return First::Data;
         }
-        // Readiness left over from reading the request head: clear it and wait on.
-        let _ = woken.try_io(tokio::io::Interest::READABLE, || {
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
+        match ready {
+            Ok(r) if !r.is_read_closed() && !r.is_error() => {
+                // Readiness left over from reading the request head: clear it and wait on.
+                let _ = woken.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+            // A FIN or an error with nothing to forward before it.
+            _ => return First::Closing,
+        }
     }
 }
 

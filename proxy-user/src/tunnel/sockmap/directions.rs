@@ -329,12 +329,13 @@ impl Movers {
 
     /// A direction that starts spliced (`Start::Splice`): it joins the kernel path at its first
     /// quiet period, or at once where no pipe can be had.
-    /// Its peer's send buffer is sized as for any spliced stretch: large, so the peer wakes the
-    /// splice rarely (left to autotuning, wan-1G cost 1.50× splice's proxy CPU, against 1.14×).
+    /// Its peer's send buffer is large, so the peer wakes the splice rarely (left to autotuning,
+    /// wan-1G cost 1.50× splice's proxy CPU, against 1.14×), and with the source's receive buffer
+    /// and the pipe within the bound ([`Backlog::start_sndbuf`]).
     pub(super) fn start_spliced(&mut self, k: &impl Kernel, dir: Dir) -> Result<(), End> {
         let (src, dst) = self.fds(dir);
         let failed = End::failed(Stage::Arm);
-        set_sndbuf(dst, k.backlog().spliced_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
+        set_sndbuf(dst, k.backlog().start_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
         match Spliced::new(src, dst, 0) {
             Ok(sp) => self.set_spliced(dir, sp),
             Err(e) => {

@@ -50,10 +50,16 @@ impl Sockmap {
         } else {
             empty_queue(client, upstream).await?
         };
+        // A spliced start reads its cookies when it starts: a tunnel that closes before its
+        // first byte never needs them.
+        let (client_cookie, upstream_cookie) = match splice_first {
+            true => (0, 0),
+            false => (sys::cookie(client)?, sys::cookie(upstream)?),
+        };
         let reg = Registration {
             sockmap: self,
-            client: sys::cookie(client)?,
-            upstream: sys::cookie(upstream)?,
+            client: client_cookie,
+            upstream: upstream_cookie,
             client_fd: client.as_raw_fd(),
             upstream_fd: upstream.as_raw_fd(),
             splice_first,
@@ -135,12 +141,18 @@ impl Registration<'_> {
 
     /// Both directions start spliced (`Start::Splice`), after the `200` was written: each
     /// peer's base is what userspace wrote to it so far, and hold wake-ups are watched. The
-    /// receive buffers are left to TCP's autotuning until their socket is armed: pinned at the
-    /// bound's size, a spliced source advertises a small window, and the sender's smaller bursts
+    /// receive buffers get [`Backlog::start_rcvbuf`] until their socket is armed: at the kernel
+    /// path's size a spliced source advertises a small window, and the sender's smaller bursts
     /// cost a read, an ACK and a wake-up each.
     pub fn start_spliced(&mut self, client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+        self.client = sys::cookie(client)?;
+        self.upstream = sys::cookie(upstream)?;
         self.base_client = sys::queued_total(client.as_raw_fd())?;
         self.base_upstream = sys::queued_total(upstream.as_raw_fd())?;
+        let rcvbuf = self.sockmap.backlog.start_rcvbuf();
+        for s in [client, upstream] {
+            sys::set_rcvbuf(s.as_raw_fd(), rcvbuf)?;
+        }
         self.up_holds = Some(self.sockmap.waiters.watch(self.client));
         self.down_holds = Some(self.sockmap.waiters.watch(self.upstream));
         Ok(())

@@ -347,6 +347,7 @@ pub enum Armed {
 /// entry outlives its tunnel.
 pub struct Registration<'a> {
     sockmap: &'a Sockmap,
+    /// The sockets' cookies (0 until a spliced start reads them, see `start_spliced`).
     client: u64,
     upstream: u64,
     /// The sockets' descriptors, for their `PEERS` entries.
