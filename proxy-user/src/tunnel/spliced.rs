@@ -34,8 +34,11 @@ pub(super) struct Spliced {
     pipe: Pipe,
     /// Bytes in the pipe, not yet written to `dst`.
     in_pipe: usize,
-    /// Source readable, peer writable, edge-triggered, in a private epoll set.
+    /// Source readable (or only its FIN and errors, see [`Spliced::watch_src_data`]), peer
+    /// writable, edge-triggered, in a private epoll set.
     ready: AsyncFd<OwnedFd>,
+    /// Whether `ready` reports the source's data, or only its FIN and errors.
+    src_data_watched: bool,
     /// `queued_total(dst)` to wait for before the first write: every byte the program
     /// redirected, and userspace moved, before the detach. `None` once reached.
     worker_target: Option<u64>,
@@ -51,7 +54,15 @@ pub(super) struct Spliced {
     /// since (for the debug log).
     began: Instant,
     refusals: u64,
+    /// How long to wait before looking again at a peer that still has too much queued once the
+    /// direction is quiet, and how often it was looked at.
+    drain_poll: Duration,
+    drain_polls: u64,
 }
+
+/// The first and the longest wait between two looks at a quiet direction's peer queue.
+const DRAIN_POLL_MIN: Duration = Duration::from_millis(2);
+const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
 
 impl Spliced {
     /// Starts splicing `src` → `dst`; `worker_target` as for [`Spliced::worker_target`].
@@ -59,7 +70,7 @@ impl Spliced {
         let pipe = Pipe::new()?;
         // Source readable (and its FIN), peer writable.
         let ready = sys::epoll_set(&[
-            (src, libc::EPOLLIN | libc::EPOLLRDHUP, src as u64),
+            (src, SRC_DATA, src as u64),
             (dst, libc::EPOLLOUT, dst as u64),
         ])?;
         Ok(Spliced {
@@ -68,6 +79,7 @@ impl Spliced {
             pipe,
             in_pipe: 0,
             ready,
+            src_data_watched: true,
             worker_target: Some(worker_target),
             written: 0,
             pressed: Instant::now(),
@@ -75,6 +87,8 @@ impl Spliced {
             to_the_end: false,
             began: Instant::now(),
             refusals: 0,
+            drain_poll: DRAIN_POLL_MIN,
+            drain_polls: 0,
         })
     }
 
@@ -136,6 +150,7 @@ impl Spliced {
                     Ok(n) => {
                         self.in_pipe = n;
                         self.src_empty = false;
+                        self.drain_poll = DRAIN_POLL_MIN;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.src_empty = true;
@@ -143,6 +158,11 @@ impl Spliced {
                     }
                     Err(e) => return Err(MoveError::Src(e)),
                 }
+            }
+            if self.in_pipe > 0 {
+                self.watch_src_data(false).map_err(MoveError::Src)?;
+            } else if self.src_empty {
+                self.watch_src_data(true).map_err(MoveError::Src)?;
             }
             if eof {
                 socket2::SockRef::from(&borrowed(self.dst))
@@ -162,30 +182,199 @@ impl Spliced {
                     );
                     return Ok(Stop::Quiet);
                 }
-                // Quiet, but the peer still has much queued: look again shortly.
+                // Quiet, but the peer still has much queued: look again once some of it may
+                // have gone, less often the longer it takes. A slow reader drains a large send
+                // buffer for a second or more: looked at every 2 ms, 8 tunnels made 3,600
+                // wake-ups doing nothing in readerbound-100M-8.
+                self.drain_polls += 1;
                 tokio::select! {
-                    r = self.wait() => r.map_err(MoveError::Src)?,
-                    () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                    r = self.wait() => r?,
+                    () = tokio::time::sleep(self.drain_poll) => {}
                 }
+                self.drain_poll = (self.drain_poll * 2).min(DRAIN_POLL_MAX);
                 continue;
             }
             let deadline = (self.pressed + quiet).max(self.began + hold);
             tokio::select! {
-                r = self.wait() => r.map_err(MoveError::Src)?,
+                r = self.wait() => r?,
                 () = tokio::time::sleep_until(deadline), if idle => {}
             }
         }
     }
 
-    /// Waits until the source is readable or the peer writable (or either has an error).
-    async fn wait(&self) -> io::Result<()> {
+    /// Waits until the source is readable or the peer writable, or either has an error. An
+    /// error on the source ends the direction here, even while the peer takes nothing.
+    async fn wait(&self) -> Result<(), MoveError> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
-        sys::epoll_next(&self.ready, &mut events).await.map(|_| ())
+        let n = sys::epoll_next(&self.ready, &mut events)
+            .await
+            .map_err(MoveError::Src)?;
+        for ev in &events[..n] {
+            let (mask, token) = (ev.events, ev.u64);
+            if token == self.src as u64 && mask & libc::EPOLLERR as u32 != 0 {
+                if let Some(e) = sys::take_error(self.src).map_err(MoveError::Src)? {
+                    return Err(MoveError::Src(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Has the epoll set report the source's data (`true`), or only its FIN and errors. While
+    /// the pipe waits for the peer, each segment the source receives would wake the direction
+    /// for nothing: readerbound-100M-8 made 3,190 splice calls, 1,900 of them refused, against
+    /// splice mode's 1,102 (proxy CPU 0.40 s/GB against 0.28).
+    fn watch_src_data(&mut self, want: bool) -> io::Result<()> {
+        if self.src_data_watched != want {
+            let events = if want { SRC_DATA } else { libc::EPOLLRDHUP };
+            sys::epoll_modify(self.ready.as_raw_fd(), self.src, events, self.src as u64)?;
+            self.src_data_watched = want;
+        }
+        Ok(())
     }
 }
+
+/// What the source is watched for while the pipe has room: its data and its FIN.
+const SRC_DATA: libc::c_int = libc::EPOLLIN | libc::EPOLLRDHUP;
 
 fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: the tunnel keeps both sockets open for as long as its Spliced lives, and the
     // borrow is used only within one call.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+
+    use super::*;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// (client application, the proxy's source socket), (its peer, server application): the
+    /// proxy's two non-blocking, as tokio leaves them.
+    fn sockets() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        let (client_app, src) = pair();
+        let (dst, server_app) = pair();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        ((client_app, src), (dst, server_app))
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i % 251) as u8
+    }
+
+    /// A direction whose peer takes nothing waits for the peer alone: the segments its source
+    /// keeps receiving meanwhile do not wake it. Then every byte arrives, in order, and the FIN
+    /// after them.
+    #[tokio::test]
+    async fn a_direction_blocked_on_its_peer_is_not_woken_by_its_source() {
+        let ((mut client_app, src), (dst, mut server_app)) = sockets();
+        sys::set_sndbuf(dst.as_raw_fd(), 256 * 1024).unwrap();
+        sys::set_rcvbuf(server_app.as_raw_fd(), 256 * 1024).unwrap();
+        // Room for every segment below, so the source's window never closes.
+        sys::set_rcvbuf(src.as_raw_fd(), 16 << 20).unwrap();
+        let mut sp = Spliced::new(src.as_raw_fd(), dst.as_raw_fd(), 0).unwrap();
+
+        // Enough to fill the peer and the pipe, then 300 segments, one at a time, while the
+        // server reads nothing.
+        const FILL: usize = 3 << 20;
+        const SEGMENTS: usize = 300;
+        const SEGMENT: usize = 1000;
+        let total = FILL + SEGMENTS * SEGMENT;
+        let writer = tokio::task::spawn_blocking(move || {
+            let data: Vec<u8> = (0..total).map(pattern).collect();
+            client_app.write_all(&data[..FILL]).unwrap();
+            for chunk in data[FILL..].chunks(SEGMENT) {
+                client_app.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            client_app
+        });
+        let hold = Duration::from_secs(3600);
+        let mut written = 0u64;
+        let client_app = tokio::select! {
+            r = sp.run(hold, hold, 0, |n| written += n as u64) => {
+                panic!("stopped while the peer takes nothing: {r:?}")
+            }
+            w = writer => w.unwrap(),
+        };
+        assert!(
+            sp.refusals <= 5,
+            "{} wake-ups found the peer still full while {SEGMENTS} segments arrived",
+            sp.refusals
+        );
+
+        client_app.shutdown(Shutdown::Write).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            server_app.read_to_end(&mut got).unwrap();
+            got
+        });
+        let stop = tokio::time::timeout(
+            Duration::from_secs(30),
+            sp.run(hold, hold, 0, |n| written += n as u64),
+        )
+        .await
+        .expect("the FIN ends the direction")
+        .unwrap();
+        assert_eq!(stop, Stop::Eof);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), total);
+        assert_eq!(written, total as u64);
+        assert!(
+            got.iter().enumerate().all(|(i, &b)| b == pattern(i)),
+            "bytes reordered or changed"
+        );
+    }
+
+    /// A quiet direction whose peer still has much queued looks at the queue less and less
+    /// often while it drains, and returns once it has.
+    #[tokio::test]
+    async fn a_quiet_direction_waits_for_its_peer_to_drain_without_polling_it_hard() {
+        let ((mut client_app, src), (dst, mut server_app)) = sockets();
+        sys::set_sndbuf(dst.as_raw_fd(), 8 << 20).unwrap();
+        sys::set_rcvbuf(server_app.as_raw_fd(), 64 * 1024).unwrap();
+        let mut sp = Spliced::new(src.as_raw_fd(), dst.as_raw_fd(), 0).unwrap();
+        const SENT: usize = 2 << 20;
+        let data: Vec<u8> = (0..SENT).map(pattern).collect();
+        client_app.write_all(&data).unwrap();
+
+        let (quiet, max_outq) = (Duration::from_millis(10), 64 * 1024);
+        let mut written = 0u64;
+        let r = tokio::time::timeout(
+            Duration::from_millis(600),
+            sp.run(Duration::ZERO, quiet, max_outq, |n| written += n as u64),
+        )
+        .await;
+        assert!(r.is_err(), "returned with the peer's queue full: {r:?}");
+        assert_eq!(written, SENT as u64, "everything went to the peer");
+        assert!(
+            (3..=20).contains(&sp.drain_polls),
+            "{} looks at the peer's queue in 600 ms",
+            sp.drain_polls
+        );
+
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; SENT];
+            server_app.read_exact(&mut got).unwrap();
+            got
+        });
+        let stop = tokio::time::timeout(
+            Duration::from_secs(10),
+            sp.run(Duration::ZERO, quiet, max_outq, |n| written += n as u64),
+        )
+        .await
+        .expect("returns once the peer has drained")
+        .unwrap();
+        assert_eq!(stop, Stop::Quiet);
+        assert!(reader.join().unwrap() == data, "bytes reordered or changed");
+    }
 }

@@ -204,12 +204,33 @@ pub(super) fn epoll_add(
     events: libc::c_int,
     token: u64,
 ) -> io::Result<()> {
+    epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, events, token)
+}
+
+/// Changes what `fd`, a member of `epoll`, is watched for (edge-triggered). An event already
+/// pending for the new mask is reported at once, so nothing that happened before is missed.
+pub(super) fn epoll_modify(
+    epoll: RawFd,
+    fd: RawFd,
+    events: libc::c_int,
+    token: u64,
+) -> io::Result<()> {
+    epoll_ctl(epoll, libc::EPOLL_CTL_MOD, fd, events, token)
+}
+
+fn epoll_ctl(
+    epoll: RawFd,
+    op: libc::c_int,
+    fd: RawFd,
+    events: libc::c_int,
+    token: u64,
+) -> io::Result<()> {
     let mut ev = libc::epoll_event {
         events: (events | libc::EPOLLET) as u32,
         u64: token,
     };
     // SAFETY: both fds are open; ev is a valid epoll_event.
-    if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut ev) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
