@@ -244,14 +244,14 @@ fn close_now(s: TcpStream) {
 /// CPU counters around a timed section.
 pub struct CpuSnap {
     total: u64,
-    proxy: Option<u64>,
+    proxy: Option<f64>,
 }
 
 impl CpuSnap {
     pub fn take(pid: Option<u32>) -> CpuSnap {
         CpuSnap {
             total: sys::cpu_busy_ticks(),
-            proxy: pid.map(sys::process_ticks),
+            proxy: pid.map(sys::process_cpu_secs),
         }
     }
     /// (total CPU seconds over all CPUs, proxy process CPU seconds) since `self`.
@@ -260,7 +260,7 @@ impl CpuSnap {
         let hz = sys::clock_ticks() as f64;
         let total = now.total.saturating_sub(self.total) as f64 / hz;
         let proxy = match (self.proxy, now.proxy) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / hz),
+            (Some(a), Some(b)) => Some((b - a).max(0.0)),
             _ => None,
         };
         (total, proxy)

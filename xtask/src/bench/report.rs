@@ -290,8 +290,10 @@ impl Report {
             "memory_copy_bound_gbit_s": self.bound.copy_gbit,
             "implausible": self.implausible,
             "cpu_note": "total CPU = user+nice+system+irq+softirq over all CPUs from /proc/stat \
-                         (client, sink and proxy included); proxy CPU = utime+stime of the proxy \
-                         process from /proc/PID/stat; GB = 1e9 bytes",
+                         (client, sink and proxy included); proxy CPU = user+system time of the proxy \
+                         process and its children, from its own cgroup v2 (cpu.stat, µs) where \
+                         the bench can make one, else utime+stime from /proc/PID/stat (10 ms \
+                         ticks); GB = 1e9 bytes",
             "results": results,
         })
     }
@@ -410,7 +412,7 @@ impl Report {
             }
             if is_shaped(s) {
                 out.push_str(
-                    "\nproxy CPU = the proxy process's utime+stime; total CPU = all CPUs \
+                    "\nproxy CPU = the proxy process's user+system time; total CPU = all CPUs \
                      (/proc/stat, softirq included); per GB = 1e9 bytes moved. direct has no \
                      proxy process, so its proxy CPU and the proxy CPU ×direct ratio are –.\n",
                 );

@@ -40,6 +40,12 @@ pub fn process_ticks(pid: u32) -> u64 {
     get(14) + get(15)
 }
 
+/// CPU seconds a process has used: from its own cgroup to the microsecond where the bench
+/// gave it one (`cgroup.rs`), else utime + stime from /proc/PID/stat, in 10 ms ticks.
+pub fn process_cpu_secs(pid: u32) -> f64 {
+    super::cgroup::cpu_secs(pid).unwrap_or_else(|| process_ticks(pid) as f64 / clock_ticks() as f64)
+}
+
 pub fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

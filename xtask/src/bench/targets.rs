@@ -91,6 +91,8 @@ impl Drop for TempDir {
 /// A child process killed (and reaped) on drop.
 struct Guard {
     child: Child,
+    /// Its own cgroup, for CPU time to the microsecond (dropped after the child is reaped).
+    _cgroup: Option<super::cgroup::Cgroup>,
 }
 
 impl Guard {
@@ -101,7 +103,11 @@ impl Guard {
             .spawn()
             .with_context(|| format!("start {}", crate::util::display(&cmd)))?;
         sys::register_child(child.id());
-        Ok(Guard { child })
+        let cgroup = super::cgroup::Cgroup::adopt(child.id());
+        Ok(Guard {
+            child,
+            _cgroup: cgroup,
+        })
     }
 }
 
