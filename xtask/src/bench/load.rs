@@ -243,22 +243,27 @@ fn close_now(s: TcpStream) {
 
 /// CPU counters around a timed section.
 pub struct CpuSnap {
-    total: u64,
+    at: std::time::Instant,
+    idle: u64,
     proxy: Option<f64>,
 }
 
 impl CpuSnap {
     pub fn take(pid: Option<u32>) -> CpuSnap {
         CpuSnap {
-            total: sys::cpu_busy_ticks(),
+            at: std::time::Instant::now(),
+            idle: sys::cpu_idle_ticks().0,
             proxy: pid.map(sys::process_cpu_secs),
         }
     }
-    /// (total CPU seconds over all CPUs, proxy process CPU seconds) since `self`.
+    /// (total CPU seconds over all CPUs: the time they were not idle, proxy process CPU
+    /// seconds) since `self`.
     pub fn since(&self, pid: Option<u32>) -> (f64, Option<f64>) {
         let now = CpuSnap::take(pid);
-        let hz = sys::clock_ticks() as f64;
-        let total = now.total.saturating_sub(self.total) as f64 / hz;
+        let (_, cpus) = sys::cpu_idle_ticks();
+        let idle = now.idle.saturating_sub(self.idle) as f64 / sys::clock_ticks() as f64;
+        let total =
+            (now.at.duration_since(self.at).as_secs_f64() * f64::from(cpus) - idle).max(0.0);
         let proxy = match (self.proxy, now.proxy) {
             (Some(a), Some(b)) => Some((b - a).max(0.0)),
             _ => None,

@@ -289,9 +289,11 @@ impl Report {
             "options": self.options,
             "memory_copy_bound_gbit_s": self.bound.copy_gbit,
             "implausible": self.implausible,
-            "cpu_note": "total CPU = user+nice+system+irq+softirq over all CPUs from /proc/stat \
-                         (client, sink and proxy included); proxy CPU = user+system time of the proxy \
-                         process and its children, from its own cgroup v2 (cpu.stat, µs) where \
+            "cpu_note": "total CPU = the time all CPUs were not idle: wall time x CPUs - idle - \
+                         iowait - steal from /proc/stat, whose idle time is measured at idle entry \
+                         and exit while its busy fields are tick samples that miss short wake-ups \
+                         (client, sink and proxy included); proxy CPU = user+system time of the \
+                         proxy process and its children, from its own cgroup v2 (cpu.stat, µs) where \
                          the bench can make one, else utime+stime from /proc/PID/stat (10 ms \
                          ticks); GB = 1e9 bytes",
             "results": results,
@@ -412,9 +414,10 @@ impl Report {
             }
             if is_shaped(s) {
                 out.push_str(
-                    "\nproxy CPU = the proxy process's user+system time; total CPU = all CPUs \
-                     (/proc/stat, softirq included); per GB = 1e9 bytes moved. direct has no \
-                     proxy process, so its proxy CPU and the proxy CPU ×direct ratio are –.\n",
+                    "\nproxy CPU = the proxy process's user+system time; total CPU = the time \
+                     all CPUs were not idle (client, sink, proxy, softirq); per GB = 1e9 bytes \
+                     moved. direct has no proxy process, so its proxy CPU and the proxy CPU \
+                     ×direct ratio are –.\n",
                 );
             }
         }

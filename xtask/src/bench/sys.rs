@@ -9,20 +9,33 @@ use std::{
     sync::atomic::{AtomicI32, AtomicPtr, Ordering},
 };
 
-/// Sum of user, nice, system, irq and softirq over all CPUs, in clock ticks (/proc/stat).
-pub fn cpu_busy_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or_default();
-    let f: Vec<u64> = line
+/// Idle, iowait and steal time of all CPUs (time no task of this machine ran), in clock ticks, and how many CPUs are online (/proc/stat).
+/// With a tickless kernel (NO_HZ) the idle time is measured when a CPU enters and leaves idle,
+/// while the busy fields (user, system, softirq...) are samples taken at the tick: they miss the
+/// short wake-ups a paced transfer is made of, or charge them a whole tick. Busy time is
+/// therefore taken as what was not idle.
+pub fn cpu_idle_ticks() -> (u64, u32) {
+    parse_idle(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+}
+
+fn parse_idle(stat: &str) -> (u64, u32) {
+    let mut lines = stat.lines();
+    let f: Vec<u64> = lines
+        .next()
+        .unwrap_or_default()
         .split_whitespace()
         .skip(1)
         .map(|v| v.parse().unwrap_or(0))
         .collect();
+    let cpus = lines
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
     // user nice system idle iowait irq softirq steal ...
-    [0usize, 1, 2, 5, 6]
+    let idle = [3usize, 4, 7]
         .iter()
         .map(|&i| f.get(i).copied().unwrap_or(0))
-        .sum()
+        .sum();
+    (idle, cpus.max(1) as u32)
 }
 
 /// utime + stime of a process (all its threads), in clock ticks; 0 if it is gone.
@@ -321,5 +334,18 @@ pub fn die_with_parent(cmd: &mut Command) {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn idle_is_idle_iowait_and_steal_of_the_sum_line_and_cpus_are_counted() {
+        let stat = "cpu  100 1 50 6000 20 0 30 7 0 0\n\
+                    cpu0 50 1 25 3000 10 0 15 3 0 0\n\
+                    cpu1 50 0 25 3000 10 0 15 4 0 0\n\
+                    intr 1 2 3\nctxt 5\n";
+        assert_eq!(super::parse_idle(stat), (6000 + 20 + 7, 2));
+        assert_eq!(super::parse_idle(""), (0, 1));
     }
 }
