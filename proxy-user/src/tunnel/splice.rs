@@ -21,6 +21,8 @@ pub(super) struct Pipe {
 
 impl Pipe {
     pub(super) fn new() -> io::Result<Pipe> {
+        #[cfg(test)]
+        PIPES_MADE.with(|n| n.set(n.get() + 1));
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two fds into the array we pass; we check the result.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -49,6 +51,12 @@ impl Pipe {
             capacity,
         })
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Pipes made on this thread, for the tests.
+    pub(super) static PIPES_MADE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 pub(super) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -80,10 +88,24 @@ pub(super) async fn pump(
 ) -> Result<(), PumpError> {
     let mut pipe: Option<Pipe> = None;
     loop {
-        src.readable().await.map_err(PumpError::Read)?;
-        // Created on first data, so an idle tunnel holds no pipe. Out of
+        let ready = src
+            .ready(Interest::READABLE)
+            .await
+            .map_err(PumpError::Read)?;
+        // Created on first data, so an idle tunnel holds no pipe, and one that closes unused
+        // makes none (a FIN or reset with nothing queued: each handshake-only tunnel used to
+        // cost a 1 MiB pipe, a failed splice and two closes). Out of
         // descriptors (EMFILE, ENFILE), the direction is copied through a
         // userspace buffer instead: the tunnel lives on without a pipe.
+        if pipe.is_none()
+            && (ready.is_read_closed() || ready.is_error())
+            && super::sys::inq(src.as_raw_fd()).map_err(PumpError::Read)? == 0
+        {
+            return match src.take_error().map_err(PumpError::Read)? {
+                Some(e) => Err(PumpError::Read(e)),
+                None => shutdown_write(dst),
+            };
+        }
         if pipe.is_none() {
             match Pipe::new() {
                 Ok(p) => pipe = Some(p),
@@ -149,8 +171,69 @@ pub(super) fn probe() -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+
+    use super::*;
+    use crate::tunnel::pump::PumpError;
+
     #[test]
     fn splice_works_here() {
         super::probe().unwrap();
+    }
+
+    /// (application, the proxy's socket) for each side of a direction.
+    async fn sides() -> (
+        (std::net::TcpStream, TcpStream),
+        (TcpStream, std::net::TcpStream),
+    ) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let app = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (proxy, _) = l.accept().unwrap();
+            proxy.set_nonblocking(true).unwrap();
+            (app, TcpStream::from_std(proxy).unwrap())
+        };
+        let (client_app, src) = pair();
+        let (server_app, dst) = pair();
+        ((client_app, src), (dst, server_app))
+    }
+
+    /// A direction whose source closes before sending anything passes the FIN on, or reports
+    /// the reset, without making a pipe; one with data makes its pipe and forwards every byte.
+    #[tokio::test]
+    async fn a_direction_that_closes_unused_makes_no_pipe() {
+        let progress = Progress::new();
+        let made = || PIPES_MADE.with(|n| n.get());
+        let before = made();
+
+        let ((client_app, src), (dst, mut server_app)) = sides().await;
+        client_app.shutdown(Shutdown::Write).unwrap();
+        pump(&src, &dst, Dir::Up, &progress).await.unwrap();
+        let mut rest = Vec::new();
+        server_app.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the FIN passed on, nothing else");
+        assert_eq!(made(), before, "a pipe for a FIN");
+
+        let ((client_app, src), (dst, _server_app)) = sides().await;
+        socket2::SockRef::from(&client_app)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client_app);
+        let r = pump(&src, &dst, Dir::Up, &progress).await;
+        assert!(
+            matches!(&r, Err(PumpError::Read(e)) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+        assert_eq!(made(), before, "a pipe for a reset");
+
+        let ((mut client_app, src), (dst, mut server_app)) = sides().await;
+        client_app.write_all(b"data, then FIN").unwrap();
+        client_app.shutdown(Shutdown::Write).unwrap();
+        pump(&src, &dst, Dir::Up, &progress).await.unwrap();
+        let mut got = Vec::new();
+        server_app.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"data, then FIN");
+        assert_eq!(made(), before + 1);
     }
 }
