@@ -22,6 +22,10 @@ pub(super) struct Pipe {
 impl Pipe {
     pub(super) fn new() -> io::Result<Pipe> {
         #[cfg(test)]
+        if PIPES_FAIL.with(|f| f.get()) {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        #[cfg(test)]
         PIPES_MADE.with(|n| n.set(n.get() + 1));
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two fds into the array we pass; we check the result.
@@ -57,6 +61,8 @@ impl Pipe {
 thread_local! {
     /// Pipes made on this thread, for the tests.
     pub(super) static PIPES_MADE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Set by a test: pipes fail on this thread as if out of descriptors.
+    pub(super) static PIPES_FAIL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 pub(super) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {

@@ -31,7 +31,8 @@ pub(super) enum Stop {
 pub(super) struct Spliced {
     src: RawFd,
     dst: RawFd,
-    pipe: Pipe,
+    /// Made on the source's first bytes (see [`Spliced::fill_pipe`]).
+    pipe: Option<Pipe>,
     /// Bytes in the pipe, not yet written to `dst`.
     in_pipe: usize,
     /// Source readable (or only its FIN and errors, see [`Spliced::watch_src_data`]), peer
@@ -67,7 +68,6 @@ const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
 impl Spliced {
     /// Starts splicing `src` → `dst`; `worker_target` as for [`Spliced::worker_target`].
     pub(super) fn new(src: RawFd, dst: RawFd, worker_target: u64) -> io::Result<Spliced> {
-        let pipe = Pipe::new()?;
         // Source readable (and its FIN), peer writable.
         let ready = sys::epoll_set(&[
             (src, SRC_DATA, src as u64),
@@ -76,7 +76,7 @@ impl Spliced {
         Ok(Spliced {
             src,
             dst,
-            pipe,
+            pipe: None,
             in_pipe: 0,
             ready,
             src_data_watched: true,
@@ -124,8 +124,8 @@ impl Spliced {
             }
             let mut eof = false;
             loop {
-                while self.in_pipe > 0 {
-                    match splice(self.pipe.read.as_raw_fd(), self.dst, self.in_pipe) {
+                while let Some(pipe) = self.pipe.as_ref().filter(|_| self.in_pipe > 0) {
+                    match splice(pipe.read.as_raw_fd(), self.dst, self.in_pipe) {
                         Ok(n) => {
                             self.in_pipe -= n;
                             self.written += n as u64;
@@ -142,7 +142,12 @@ impl Spliced {
                 if self.in_pipe > 0 {
                     break;
                 }
-                match splice(self.src, self.pipe.write.as_raw_fd(), self.pipe.capacity) {
+                match self.fill_pipe() {
+                    Err(e) if is_out_of_descriptors(&e) && !self.to_the_end => {
+                        // Nothing was read: the kernel path can take the direction as it is.
+                        tracing::warn!("sockmap: cannot splice ({e}); the kernel forwards");
+                        return Ok(Stop::Quiet);
+                    }
                     Ok(0) => {
                         eof = true;
                         break;
@@ -202,6 +207,22 @@ impl Spliced {
         }
     }
 
+    /// Reads what the source has into the empty pipe: `Ok(0)` at its FIN, `WouldBlock` when it
+    /// has nothing. The pipe is made on the first bytes, so a direction that carries none, most
+    /// often the reply direction of a tunnel that joins the kernel path after its first quiet
+    /// period, never holds one: two descriptors and a 1 MiB pipe buffer less per tunnel.
+    fn fill_pipe(&mut self) -> io::Result<usize> {
+        if self.pipe.is_none() {
+            // A peek tells the FIN (0) and an empty queue (`WouldBlock`) from data.
+            if sys::recv(self.src, &mut [0u8; 1], libc::MSG_PEEK)? == 0 {
+                return Ok(0);
+            }
+            self.pipe = Some(Pipe::new()?);
+        }
+        let pipe = self.pipe.as_ref().expect("made above");
+        splice(self.src, pipe.write.as_raw_fd(), pipe.capacity)
+    }
+
     /// Waits until the source is readable or the peer writable, or either has an error. An
     /// error on the source ends the direction here, even while the peer takes nothing.
     async fn wait(&self) -> Result<(), MoveError> {
@@ -232,6 +253,10 @@ impl Spliced {
         }
         Ok(())
     }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// What the source is watched for while the pipe has room: its data and its FIN.
@@ -376,5 +401,55 @@ mod tests {
         .unwrap();
         assert_eq!(stop, Stop::Quiet);
         assert!(reader.join().unwrap() == data, "bytes reordered or changed");
+    }
+
+    /// A direction makes its pipe on its source's first bytes, not before; out of descriptors
+    /// it reads nothing and hands the direction to the kernel path.
+    #[tokio::test]
+    async fn the_pipe_is_made_on_the_first_bytes_and_its_absence_hands_back() {
+        use crate::tunnel::splice::{PIPES_FAIL, PIPES_MADE};
+        let made = || PIPES_MADE.with(|n| n.get());
+        let ((mut client_app, src), (dst, mut server_app)) = sockets();
+        let mut sp = Spliced::new(src.as_raw_fd(), dst.as_raw_fd(), 0).unwrap();
+        let before = made();
+        let hold = Duration::from_secs(3600);
+        let mut written = 0u64;
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            sp.run(hold, hold, 0, |n| written += n as u64),
+        )
+        .await;
+        assert!(r.is_err(), "stopped: {r:?}");
+        assert_eq!(made(), before, "a pipe before any byte");
+
+        client_app.write_all(b"first").unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            sp.run(hold, hold, 0, |n| written += n as u64),
+        )
+        .await;
+        assert!(r.is_err(), "stopped: {r:?}");
+        assert_eq!(made(), before + 1);
+        let mut got = [0u8; 5];
+        server_app.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"first");
+
+        // Out of descriptors: nothing is read, and the direction stops as quiet.
+        let ((mut client_app, src), (dst, _server_app)) = sockets();
+        let mut sp = Spliced::new(src.as_raw_fd(), dst.as_raw_fd(), 0).unwrap();
+        client_app.write_all(b"for the kernel").unwrap();
+        PIPES_FAIL.with(|f| f.set(true));
+        let stop = tokio::time::timeout(
+            Duration::from_secs(5),
+            sp.run(hold, hold, 0, |n| written += n as u64),
+        )
+        .await;
+        PIPES_FAIL.with(|f| f.set(false));
+        assert_eq!(stop.expect("hands back at once").unwrap(), Stop::Quiet);
+        assert_eq!(
+            sys::inq(src.as_raw_fd()).unwrap(),
+            14,
+            "everything left queued"
+        );
     }
 }
