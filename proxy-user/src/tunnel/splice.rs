@@ -103,16 +103,15 @@ pub(super) async fn pump(
         // cost a 1 MiB pipe, a failed splice and two closes). Out of
         // descriptors (EMFILE, ENFILE), the direction is copied through a
         // userspace buffer instead: the tunnel lives on without a pipe.
-        if pipe.is_none()
-            && (ready.is_read_closed() || ready.is_error())
-            && super::sys::inq(src.as_raw_fd()).map_err(PumpError::Read)? == 0
-        {
-            return match src.take_error().map_err(PumpError::Read)? {
-                Some(e) => Err(PumpError::Read(e)),
-                None => shutdown_write(dst),
-            };
-        }
         if pipe.is_none() {
+            if (ready.is_read_closed() || ready.is_error())
+                && super::sys::inq(src.as_raw_fd()).map_err(PumpError::Read)? == 0
+            {
+                return match src.take_error().map_err(PumpError::Read)? {
+                    Some(e) => Err(PumpError::Read(e)),
+                    None => shutdown_write(dst),
+                };
+            }
             match Pipe::new() {
                 Ok(p) => pipe = Some(p),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -181,7 +180,6 @@ mod tests {
     use std::net::{Shutdown, TcpListener};
 
     use super::*;
-    use crate::tunnel::pump::PumpError;
 
     #[test]
     fn splice_works_here() {
@@ -189,7 +187,7 @@ mod tests {
     }
 
     /// (application, the proxy's socket) for each side of a direction.
-    async fn sides() -> (
+    fn sides() -> (
         (std::net::TcpStream, TcpStream),
         (TcpStream, std::net::TcpStream),
     ) {
@@ -213,7 +211,7 @@ mod tests {
         let made = || PIPES_MADE.with(|n| n.get());
         let before = made();
 
-        let ((client_app, src), (dst, mut server_app)) = sides().await;
+        let ((client_app, src), (dst, mut server_app)) = sides();
         client_app.shutdown(Shutdown::Write).unwrap();
         pump(&src, &dst, Dir::Up, &progress).await.unwrap();
         let mut rest = Vec::new();
@@ -221,7 +219,7 @@ mod tests {
         assert!(rest.is_empty(), "the FIN passed on, nothing else");
         assert_eq!(made(), before, "a pipe for a FIN");
 
-        let ((client_app, src), (dst, _server_app)) = sides().await;
+        let ((client_app, src), (dst, _server_app)) = sides();
         socket2::SockRef::from(&client_app)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
@@ -233,7 +231,7 @@ mod tests {
         );
         assert_eq!(made(), before, "a pipe for a reset");
 
-        let ((mut client_app, src), (dst, mut server_app)) = sides().await;
+        let ((mut client_app, src), (dst, mut server_app)) = sides();
         client_app.write_all(b"data, then FIN").unwrap();
         client_app.shutdown(Shutdown::Write).unwrap();
         pump(&src, &dst, Dir::Up, &progress).await.unwrap();
