@@ -55,15 +55,39 @@ pub(super) struct Spliced {
     /// since (for the debug log).
     began: Instant,
     refusals: u64,
-    /// How long to wait before looking again at a peer that still has too much queued once the
-    /// direction is quiet, and how often it was looked at.
-    drain_poll: Duration,
+    /// The peer's queue when it was last looked at, once the direction is quiet, and how often
+    /// it was looked at (see [`drain_wait`]).
+    drain_seen: Option<(u64, Instant)>,
     drain_polls: u64,
 }
 
-/// The first and the longest wait between two looks at a quiet direction's peer queue.
+/// The shortest and the longest wait between two looks at a quiet direction's peer queue.
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(2);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
+
+/// How long a quiet direction waits before it looks again at its peer's send queue, `outq` now
+/// and `seen` at the last look, to return once the queue is down to `max_outq`.
+///
+/// A slow reader drains a large send buffer for a second or more: looked at every 2 ms, 8
+/// tunnels made 3,600 wake-ups doing nothing in readerbound-100M-8. A fixed backoff instead
+/// looked late at a queue that drained fast, and the direction returned up to 64 ms after it
+/// could have, a kernel stretch lost each time. So the wait is half the time the rest would
+/// take at the rate just seen: never late while the reader keeps its pace or speeds up to
+/// double it, about one look per halving of the rest, and the longest wait while it stalls.
+fn drain_wait(seen: Option<(u64, Instant)>, outq: u64, now: Instant, max_outq: u64) -> Duration {
+    let Some((before, at)) = seen else {
+        return DRAIN_POLL_MIN;
+    };
+    let drained = before.saturating_sub(outq);
+    let elapsed = now.saturating_duration_since(at);
+    if drained == 0 {
+        return DRAIN_POLL_MAX;
+    }
+    let rest = outq.saturating_sub(max_outq);
+    elapsed
+        .mul_f64(rest as f64 / drained as f64 / 2.0)
+        .clamp(DRAIN_POLL_MIN, DRAIN_POLL_MAX)
+}
 
 impl Spliced {
     /// Starts splicing `src` → `dst`; `worker_target` as for [`Spliced::worker_target`].
@@ -87,7 +111,7 @@ impl Spliced {
             to_the_end: false,
             began: Instant::now(),
             refusals: 0,
-            drain_poll: DRAIN_POLL_MIN,
+            drain_seen: None,
             drain_polls: 0,
         })
     }
@@ -155,7 +179,7 @@ impl Spliced {
                     Ok(n) => {
                         self.in_pipe = n;
                         self.src_empty = false;
-                        self.drain_poll = DRAIN_POLL_MIN;
+                        self.drain_seen = None;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.src_empty = true;
@@ -178,7 +202,8 @@ impl Spliced {
             let idle = self.in_pipe == 0 && self.src_empty && !self.to_the_end;
             let held = self.began.elapsed() >= hold;
             if idle && held && self.pressed.elapsed() >= quiet {
-                if sys::outq(self.dst).map_err(MoveError::Dst)? <= max_outq {
+                let outq = sys::outq(self.dst).map_err(MoveError::Dst)?;
+                if outq <= max_outq {
                     tracing::debug!(
                         "spliced: quiet after {:?}, {} bytes, {} refusals by the peer",
                         self.began.elapsed(),
@@ -187,16 +212,16 @@ impl Spliced {
                     );
                     return Ok(Stop::Quiet);
                 }
-                // Quiet, but the peer still has much queued: look again once some of it may
-                // have gone, less often the longer it takes. A slow reader drains a large send
-                // buffer for a second or more: looked at every 2 ms, 8 tunnels made 3,600
-                // wake-ups doing nothing in readerbound-100M-8.
+                // Quiet, but the peer still has much queued: look again about when it may have
+                // gone.
+                let now = Instant::now();
+                let wait = drain_wait(self.drain_seen, outq, now, max_outq);
+                self.drain_seen = Some((outq, now));
                 self.drain_polls += 1;
                 tokio::select! {
                     r = self.wait() => r?,
-                    () = tokio::time::sleep(self.drain_poll) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
-                self.drain_poll = (self.drain_poll * 2).min(DRAIN_POLL_MAX);
                 continue;
             }
             let deadline = (self.pressed + quiet).max(self.began + hold);
@@ -401,6 +426,63 @@ mod tests {
         .unwrap();
         assert_eq!(stop, Stop::Quiet);
         assert!(reader.join().unwrap() == data, "bytes reordered or changed");
+    }
+
+    /// The wait between two looks at a draining peer: half the time the rest takes at the rate
+    /// seen, the longest while nothing drains, within bounds.
+    #[test]
+    fn a_draining_peer_is_looked_at_again_when_half_its_rest_may_have_gone() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let max = 64 << 10;
+        // The first look has no rate yet.
+        assert_eq!(drain_wait(None, 10 << 20, t0, max), DRAIN_POLL_MIN);
+        // 1 MiB went in 10 ms and 4 MiB are left: 40 ms to go, looked at again in 20.
+        let at = t0 + ms(10);
+        let w = drain_wait(Some(((5 << 20) + max, t0)), (4 << 20) + max, at, max);
+        assert_eq!(w, ms(20));
+        // A slow reader with much left: the longest wait.
+        let w = drain_wait(
+            Some(((9 << 20) + max, t0)),
+            (8 << 20) + max,
+            t0 + ms(100),
+            max,
+        );
+        assert_eq!(w, DRAIN_POLL_MAX);
+        // Nearly drained: the shortest.
+        let w = drain_wait(Some(((1 << 20) + max, t0)), max + 100, t0 + ms(10), max);
+        assert_eq!(w, DRAIN_POLL_MIN);
+        // Nothing drained, or the queue grew: the longest.
+        assert_eq!(
+            drain_wait(Some((1 << 20, t0)), 1 << 20, t0 + ms(10), max),
+            DRAIN_POLL_MAX
+        );
+        assert_eq!(
+            drain_wait(Some((1 << 20, t0)), 2 << 20, t0 + ms(10), max),
+            DRAIN_POLL_MAX
+        );
+        // At a constant rate the looks halve the rest each time and never pass the moment it
+        // is drained by more than the shortest wait.
+        let rate = 100e6; // bytes per second
+        let (mut now, mut seen) = (t0, None);
+        let drained_at = t0 + Duration::from_secs_f64((8 << 20) as f64 / rate);
+        let mut looks = 0;
+        loop {
+            let outq = max + (8u64 << 20).saturating_sub(((now - t0).as_secs_f64() * rate) as u64);
+            if outq <= max {
+                break;
+            }
+            let w = drain_wait(seen, outq, now, max);
+            seen = Some((outq, now));
+            now += w;
+            looks += 1;
+        }
+        assert!(
+            now <= drained_at + DRAIN_POLL_MIN,
+            "{:?} late",
+            now - drained_at
+        );
+        assert!(looks <= 12, "{looks} looks for an 84 ms drain");
     }
 
     /// A direction makes its pipe on its source's first bytes, not before; out of descriptors
