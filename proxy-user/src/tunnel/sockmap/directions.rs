@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, Overran};
 use super::{Dir, Registration};
 use crate::tunnel::detach::Answer;
 use crate::tunnel::end::{End, Stage};
@@ -19,7 +19,7 @@ use crate::tunnel::holds::{Backlog, Counters, MoveError, Mover, SPLICE_QUIET, St
 use crate::tunnel::pump::Progress;
 use crate::tunnel::splice::PIPE_SIZE;
 use crate::tunnel::spliced::{Spliced, Stop};
-use crate::tunnel::sys::{established, set_sndbuf};
+use crate::tunnel::sys::{acked_and_queued, established, set_sndbuf};
 
 /// What a direction's moves and transitions need from the kernel side of its tunnel: the
 /// program's counters and bound ([`Counters`]), the detach walk, the `ARMED` map, and where to
@@ -284,10 +284,17 @@ impl Movers {
         if !self.mover(dir).wants_detach() {
             return Ok(());
         }
+        // Where the overrun sits, before the walk lets the worker send on (see `backoff.rs`).
+        let (acked, queued) = acked_and_queued(dst).map_err(failed)?;
+        let in_worker = self
+            .mover(dir)
+            .dst_target(k.counts(cookie).0)
+            .saturating_sub(queued);
+        let overran = Overran::from_queues(in_worker, queued - acked);
         let asked = std::time::Instant::now();
         let answer = k.detach(cookie).await;
         tracing::debug!(
-            "sockmap: detach of {cookie}: {answer:?} after {:?}",
+            "sockmap: detach of {cookie} ({overran:?} behind): {answer:?} after {:?}",
             asked.elapsed()
         );
         match answer {
@@ -298,7 +305,8 @@ impl Movers {
                 set_sndbuf(dst, k.backlog().spliced_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
                 match Spliced::new(src, dst, target) {
                     Ok(sp) => {
-                        self.backoff(dir).leaving(std::time::Instant::now());
+                        self.backoff(dir)
+                            .leaving(std::time::Instant::now(), overran);
                         self.set_spliced(dir, sp);
                     }
                     Err(e) => {
@@ -474,6 +482,8 @@ mod tests {
     use super::*;
     use crate::ebpf::Limit;
     use crate::tunnel::end::Side;
+    use crate::tunnel::sockmap::backoff::HOLD_MAX;
+    use crate::tunnel::sys;
 
     const UP: u64 = 11;
     const DOWN: u64 = 22;
@@ -812,6 +822,37 @@ mod tests {
         assert!(m.spliced_stopped(&k, Dir::Up, Ok(stop)).unwrap(), "done");
         assert!(reader.join().unwrap() == [first, last].concat(), "then EOF");
         assert_eq!(k.rearms.get(), 0);
+    }
+
+    /// Where the overrun sits at the wake-up decides the hold: redirected but not yet at the
+    /// peer (the redirect worker is behind), the longest at once; in the peer's send queue (the
+    /// reader is behind), none for a first episode.
+    #[tokio::test]
+    async fn a_detach_holds_longest_when_the_redirect_worker_is_behind() {
+        let t = tunnel();
+        let k = FakeKernel::new([Answer::Detached]);
+        let mut m = movers(k.backlog, &t);
+        press_and_ask(&mut m, &k, 300 * KIB).await;
+        assert!(m.up_spliced.is_some());
+        assert_eq!(
+            m.up_backoff.hold(),
+            HOLD_MAX,
+            "nothing reached the peer yet"
+        );
+
+        let t = tunnel();
+        sys::set_rcvbuf(t.server_app.as_raw_fd(), 4 * KIB as u64).unwrap();
+        sys::set_sndbuf(t.dst.as_raw_fd(), 4 << 20).unwrap();
+        write_all_nonblocking(&t.dst, &pattern(300 * KIB, 1));
+        let k = FakeKernel::new([Answer::Detached]);
+        let mut m = movers(k.backlog, &t);
+        press_and_ask(&mut m, &k, 300 * KIB).await;
+        assert!(m.up_spliced.is_some());
+        assert_eq!(
+            m.up_backoff.hold(),
+            Duration::ZERO,
+            "all of it waits in the peer's send queue"
+        );
     }
 
     #[tokio::test]
