@@ -19,7 +19,7 @@ use crate::tunnel::holds::{Backlog, Counters, MoveError, Mover, SPLICE_QUIET, St
 use crate::tunnel::pump::Progress;
 use crate::tunnel::splice::PIPE_SIZE;
 use crate::tunnel::spliced::{Spliced, Stop};
-use crate::tunnel::sys::{acked_and_queued, established, set_sndbuf};
+use crate::tunnel::sys::{acked_and_queued, established, set_rcvbuf, set_sndbuf};
 
 /// What a direction's moves and transitions need from the kernel side of its tunnel: the
 /// program's counters and bound ([`Counters`]), the detach walk, the `ARMED` map, and where to
@@ -302,7 +302,13 @@ impl Movers {
                 self.mover(dir).detached();
                 k.count_detach();
                 let target = self.mover(dir).dst_target(k.counts(cookie).0);
-                set_sndbuf(dst, k.backlog().spliced_sndbuf(PIPE_SIZE as u64)).map_err(failed)?;
+                // The peer's send buffer first: it may shrink what the wider window adds.
+                let (acked, _) = acked_and_queued(dst).map_err(failed)?;
+                let (rcvbuf, sndbuf) = k
+                    .backlog()
+                    .detached_buffers(target.saturating_sub(acked), PIPE_SIZE as u64);
+                set_sndbuf(dst, sndbuf).map_err(failed)?;
+                set_rcvbuf(src, rcvbuf).map_err(failed)?;
                 match Spliced::new(src, dst, target) {
                     Ok(sp) => {
                         self.backoff(dir)

@@ -196,11 +196,9 @@ impl Registration<'_> {
     /// Starts the verdict program on one socket and runs what it queued so
     /// far through it (SO_RCVLOWAT makes TCP call data_ready).
     pub(super) fn arm_socket(&self, cookie: u64, fd: RawFd) -> io::Result<()> {
-        if self.splice_first {
-            // What the socket may hold once the program holds (see `Backlog::rcvbuf`); set at
-            // the start otherwise.
-            sys::set_rcvbuf(fd, self.sockmap.backlog.rcvbuf())?;
-        }
+        // What the socket may hold once the program holds (see `Backlog::rcvbuf`): a spliced
+        // start or a detach may have widened it.
+        sys::set_rcvbuf(fd, self.sockmap.backlog.rcvbuf())?;
         self.sockmap.armed.update(&cookie, &(fd as u32))?;
         set_rcvlowat(fd, 1)
     }
