@@ -703,6 +703,16 @@ mod tests {
         m.advance(k, Dir::Up).await.expect("advance");
     }
 
+    /// `t`'s up direction taken off the kernel path by a walk, with `redirected` bytes reported
+    /// on their way to the peer: spliced from here on.
+    async fn detached(t: &Tunnel, redirected: usize) -> (FakeKernel, Movers) {
+        let k = FakeKernel::new([Answer::Detached]);
+        let mut m = movers(k.backlog, t);
+        press_and_ask(&mut m, &k, redirected).await;
+        assert!(m.up_spliced.is_some(), "the detached direction is spliced");
+        (k, m)
+    }
+
     #[tokio::test]
     async fn a_detached_direction_is_spliced_behind_the_kernel_bytes_then_returns() {
         let t = tunnel();
@@ -835,11 +845,7 @@ mod tests {
     /// reader is behind), none for a first episode.
     #[tokio::test]
     async fn a_detach_holds_longest_when_the_redirect_worker_is_behind() {
-        let t = tunnel();
-        let k = FakeKernel::new([Answer::Detached]);
-        let mut m = movers(k.backlog, &t);
-        press_and_ask(&mut m, &k, 300 * KIB).await;
-        assert!(m.up_spliced.is_some());
+        let (_, m) = detached(&tunnel(), 300 * KIB).await;
         assert_eq!(
             m.up_backoff.hold(),
             HOLD_MAX,
@@ -850,10 +856,7 @@ mod tests {
         sys::set_rcvbuf(t.server_app.as_raw_fd(), 4 * KIB as u64).unwrap();
         sys::set_sndbuf(t.dst.as_raw_fd(), 4 << 20).unwrap();
         write_all_nonblocking(&t.dst, &pattern(300 * KIB, 1));
-        let k = FakeKernel::new([Answer::Detached]);
-        let mut m = movers(k.backlog, &t);
-        press_and_ask(&mut m, &k, 300 * KIB).await;
-        assert!(m.up_spliced.is_some());
+        let (_, m) = detached(&t, 300 * KIB).await;
         assert_eq!(
             m.up_backoff.hold(),
             Duration::ZERO,
@@ -915,11 +918,8 @@ mod tests {
         last: &[u8],
     ) -> (Tunnel, FakeKernel, Movers, JoinHandle<Vec<u8>>) {
         let t = tunnel();
-        let k = FakeKernel::new([Answer::Detached]);
-        let mut m = movers(k.backlog, &t);
+        let (k, m) = detached(&t, kernel.len()).await;
         let reader = read_up_to(&t.server_app, usize::MAX);
-        press_and_ask(&mut m, &k, kernel.len()).await;
-        assert!(m.up_spliced.is_some());
         write_all_nonblocking(&t.dst, kernel);
         (&t.client_app).write_all(last).unwrap();
         t.client_app.shutdown(Shutdown::Write).unwrap();
@@ -942,10 +942,7 @@ mod tests {
     async fn a_return_the_kernel_refuses_ends_the_tunnel_unless_the_source_is_closing() {
         // The source is still established: a refused return is a failure of the data path.
         let t = tunnel();
-        let k = FakeKernel::new([Answer::Detached]);
-        let mut m = movers(k.backlog, &t);
-        press_and_ask(&mut m, &k, 256 * KIB).await;
-        assert!(m.up_spliced.is_some());
+        let (k, mut m) = detached(&t, 256 * KIB).await;
         k.arm_fails.set(true);
         match m.spliced_stopped(&k, Dir::Up, Ok(Stop::Quiet)) {
             Err(End::Failed {
